@@ -1,0 +1,148 @@
+"""nnssl_preprocess_unlabeled: same plans as nnU-Net, clear errors, nothing half-written, skip what is done."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import DATASET, DATASET_ID, script
+from nnssl.preprocessing.unlabeled import CaseError, check_case_geometry, discover_cases, preprocess_unlabeled
+from nnssl.utils import UNLABELED_MANIFEST, UserInputError
+
+
+def _folders(root):
+    pre = os.path.join(root, "pre", DATASET)
+    return (os.path.join(root, "raw", DATASET, "imagesUnlabeled"),
+            os.path.join(pre, "unlabeled", "nnUNetPlans_3d_fullres"), pre)
+
+
+def _write(path, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(np.random.rand(*shape).astype(np.float32))
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, path)
+
+
+def test_session_output_matches_nnunet_preprocessing(workspace):
+    """An image preprocessed as unlabeled equals nnU-Net's own preprocessing of the same image."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    src, out, pre = _folders(workspace)
+    manifest = load_json(os.path.join(out, UNLABELED_MANIFEST))
+    assert sorted(manifest["cases"]) == [f"synthu_{i:03d}" for i in range(6)]
+    assert manifest["plans_name"] == "nnUNetPlans" and manifest["data_identifier"] == "nnUNetPlans_3d_fullres"
+    # put a labeled training image into the unlabeled pipeline and compare with nnU-Net's preprocessed copy
+    shutil.copy(os.path.join(workspace, "raw", DATASET, "imagesTr", "synth_000_0000.nii.gz"),
+                os.path.join(str(workspace), "probe_0000.nii.gz"))
+    probe_dir = os.path.join(str(workspace), "probe")
+    os.makedirs(probe_dir)
+    shutil.move(os.path.join(str(workspace), "probe_0000.nii.gz"), probe_dir)
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], probe_dir, progress=False)
+    ours, _, _, props = nnUNetDatasetBlosc2(out, ["probe"]).load_case("probe")
+    theirs, _, _, _ = nnUNetDatasetBlosc2(os.path.join(pre, "nnUNetPlans_3d_fullres"), ["synth_000"]).load_case(
+        "synth_000")
+    assert np.allclose(np.asarray(ours), np.asarray(theirs))
+    assert props["class_locations"] == {}
+
+
+def test_skips_done_cases_and_overwrite_redoes(workspace, capsys):
+    src, out, _ = _folders(workspace)
+    mtime = os.path.getmtime(os.path.join(out, "synthu_000.b2nd"))
+    result = preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
+    assert result["nnUNetPlans_3d_fullres"]["skipped"] == 6 and result["nnUNetPlans_3d_fullres"]["done"] == 0
+    assert os.path.getmtime(os.path.join(out, "synthu_000.b2nd")) == mtime
+    assert "skipping" in capsys.readouterr().out
+    result = preprocess_unlabeled(DATASET_ID, ["3d_fullres"], overwrite=True, progress=False)
+    assert result["nnUNetPlans_3d_fullres"]["done"] == 6
+
+
+def test_interrupted_case_is_not_trusted_and_redone(workspace):
+    src, out, _ = _folders(workspace)
+    manifest_path = os.path.join(out, UNLABELED_MANIFEST)
+    manifest = json.load(open(manifest_path))
+    del manifest["cases"]["synthu_003"]  # as if the run died after writing the files, before recording the case
+    json.dump(manifest, open(manifest_path, "w"))
+    result = preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
+    assert result["nnUNetPlans_3d_fullres"]["done"] == 1
+    assert "synthu_003" in json.load(open(manifest_path))["cases"]
+
+
+def test_stale_plans_refused_then_overwritten(workspace):
+    _, out, pre = _folders(workspace)
+    plans_file = os.path.join(pre, "nnUNetPlans.json")
+    plans = json.load(open(plans_file))
+    plans["configurations"]["3d_fullres"]["spacing"] = [1.5, 1.5, 1.5]
+    json.dump(plans, open(plans_file, "w"))
+    with pytest.raises(UserInputError, match="other plans"):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
+    result = preprocess_unlabeled(DATASET_ID, ["3d_fullres"], overwrite=True, progress=False)
+    assert result["nnUNetPlans_3d_fullres"]["done"] == 6
+
+
+def test_unreadable_image_reported_and_others_kept(workspace):
+    src, out, _ = _folders(workspace)
+    with open(os.path.join(src, "broken_0000.nii.gz"), "wb") as f:
+        f.write(b"this is not a nifti file")
+    with pytest.raises(UserInputError, match="case broken: cannot be read"):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
+    manifest = json.load(open(os.path.join(out, UNLABELED_MANIFEST)))
+    assert "broken" not in manifest["cases"] and len(manifest["cases"]) == 6
+
+
+@pytest.mark.parametrize("name,message", [("extra_0000.nii", "file ending"),
+                                          ("nochannel.nii.gz", "4-digit channel index"),
+                                          ("twochan_0001.nii.gz", "missing channel(s) 0000")])
+def test_naming_errors_before_anything_is_written(workspace, name, message):
+    src, out, _ = _folders(workspace)
+    shutil.rmtree(out)
+    _write(os.path.join(src, name))
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
+    assert not os.path.exists(out)
+
+
+def test_channel_geometry_check(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    a, b, c = (str(tmp_path / f"case_000{i}.nii.gz") for i in range(3))
+    _write(a)
+    _write(b, shape=(32, 32, 30))
+    _write(c, spacing=(1.0, 1.0, 2.0))
+    check_case_geometry(SimpleITKIO(), "case", [a, a])
+    with pytest.raises(CaseError, match="case case: case_0001.nii.gz has shape"):
+        check_case_geometry(SimpleITKIO(), "case", [a, b])
+    with pytest.raises(CaseError, match="has spacing"):
+        check_case_geometry(SimpleITKIO(), "case", [a, c])
+
+
+def test_discover_cases_multichannel(tmp_path):
+    for case in ("a", "b"):
+        for ch in range(2):
+            open(tmp_path / f"{case}_{ch:04d}.nii.gz", "w").close()
+    cases = discover_cases(str(tmp_path), ".nii.gz", 2)
+    assert list(cases) == ["a", "b"] and [os.path.basename(f) for f in cases["a"]] == ["a_0000.nii.gz",
+                                                                                    "a_0001.nii.gz"]
+    with pytest.raises(UserInputError, match="unexpected channel"):
+        discover_cases(str(tmp_path), ".nii.gz", 1)
+
+
+def test_cli_errors_are_clear(workspace, tmp_path):
+    env = dict(os.environ)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(["-d", "555"], "unknown dataset"),
+             (["-d", str(DATASET_ID), "-i", str(tmp_path / "missing")], "does not exist"),
+             (["-d", str(DATASET_ID), "-i", str(empty)], "contains no images"),
+             (["-d", str(DATASET_ID), "-c", "3d_lowres"], "not in")]
+    for args, message in cases:
+        p = subprocess.run([script("nnssl_preprocess_unlabeled")] + args, env=env, capture_output=True, text=True)
+        assert p.returncode == 2, (args, p.stderr)
+        assert message in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+    os.remove(os.path.join(workspace, "pre", DATASET, "nnUNetPlans.json"))
+    p = subprocess.run([script("nnssl_preprocess_unlabeled"), "-d", str(DATASET_ID)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "nnUNetv2_plan_and_preprocess" in p.stderr

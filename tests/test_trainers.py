@@ -1,0 +1,221 @@
+"""The base trainer and Mean Teacher, in-process on the tiny synthetic dataset (CPU-scale plans)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+from conftest import DATASET
+from nnssl.trainers.base import nnSSLTrainer
+from nnssl.trainers.mean_teacher import nnSSL_MeanTeacherTrainer
+from nnssl.utils import UNLABELED_MANIFEST
+
+
+def make_trainer(cls=nnSSL_MeanTeacherTrainer, configuration="3d_fullres", plans_name="nnUNetPlans_cpu", fold=0,
+                 epochs=2, iters=2):
+    pre = join(os.environ["nnUNet_preprocessed"], DATASET)
+    plans = load_json(join(pre, plans_name + ".json"))
+    plans["continue_training"] = False
+    trainer = cls(plans, configuration, fold, load_json(join(pre, "dataset.json")), torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = epochs, iters, 1
+    return trainer
+
+
+def started(trainer):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer.on_train_start()
+    return trainer
+
+
+def batches(trainer):
+    batch = next(trainer.dataloader_train)
+    data_l = batch["data"]
+    target_l = batch["target"]
+    data_u = next(trainer.dataloader_unlabeled)["data"]
+    return batch, data_l, target_l, data_u
+
+
+def grads(loss, params):
+    """Flat gradient of ``loss`` w.r.t. ``params`` (zeros for parameters the loss does not use)."""
+    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in zip(gs, params)])
+
+
+def test_unlabeled_term_nonzero_reaches_student_not_teacher(workspace):
+    t = started(make_trainer())
+    _, data_l, target_l, data_u = batches(t)
+    _, out_u = t.forward_student(data_l, data_u)
+    unsup, _ = t.unsupervised_loss(data_u, out_u)
+    assert unsup.item() > 0
+    unsup.backward()
+    student_grad = sum(p.grad.abs().sum().item() for p in t.network.parameters() if p.grad is not None)
+    assert student_grad > 0
+    assert all(p.grad is None for p in t.teacher.parameters())
+    assert all(not p.requires_grad for p in t.teacher.parameters())
+    t.on_train_end()
+
+
+def test_total_loss_carries_the_unlabeled_gradient(workspace):
+    """Fails if the unlabeled term is dropped from the loss or detached from the student."""
+    t = started(make_trainer())
+    t.global_step = t.num_epochs * t.num_iterations_per_epoch  # ramp at full weight
+    _, data_l, target_l, data_u = batches(t)
+    total, terms = t.compute_loss(data_l, target_l, data_u)
+    assert terms["unsup_weight"] == pytest.approx(t.unsup_weight)
+    assert torch.isclose(total, terms["sup_loss"] + terms["unsup_weight"] * terms["unsup_loss"])
+    params = [p for p in t.network.parameters()]
+    g_total, g_sup, g_unsup = grads(total, params), grads(terms["sup_loss"], params), grads(terms["unsup_loss"], params)
+    assert g_unsup.abs().sum() > 0
+    assert torch.allclose(g_total - g_sup, t.unsup_weight * g_unsup, atol=1e-6)
+    assert not torch.allclose(g_total, g_sup)
+    t.on_train_end()
+
+
+def test_teacher_moves_towards_student(workspace):
+    t = started(make_trainer())
+    t.global_step = 1000  # past the EMA warm-up: decay 0.99
+    teacher_before = [p.detach().clone() for p in t.teacher.parameters()]
+    student_before = [p.detach().clone() for p in t.network.parameters()]
+    out = t.train_step(next(t.dataloader_train))
+    assert np.isfinite(out["loss"]) and out["unsup_loss"] > 0 and out["n_unlabeled"] == 2
+    student_after = list(t.network.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student_after, student_before))
+    for tb, ta, sa in zip(teacher_before, t.teacher.parameters(), student_after):
+        assert torch.allclose(ta, 0.99 * tb + 0.01 * sa.detach(), atol=1e-6)
+    dist_before = sum((tb - sa).norm() for tb, sa in zip(teacher_before, student_after))
+    dist_after = sum((ta - sa).norm() for ta, sa in zip(t.teacher.parameters(), student_after))
+    assert dist_after < dist_before
+    t.on_train_end()
+
+
+def test_unlabeled_loader_never_yields_labels_and_pool_is_right(workspace):
+    t = started(make_trainer())
+    batch = next(t.dataloader_unlabeled)
+    assert set(batch) == {"data", "keys"}
+    assert batch["data"].shape == (2, 1, 32, 32, 32)
+    fold = load_json(join(os.environ["nnUNet_preprocessed"], DATASET, "splits_final.json"))[0]
+    expected = set(fold["unlabeled"]) | {f"synthu_{i:03d}" for i in range(6)}
+    assert set(t.unlabeled_pool.identifiers) == expected
+    assert not expected & (set(fold["train"]) | set(fold["val"]))
+    t.on_train_end()
+
+
+def test_checkpoint_round_trip_restores_teacher_and_counters(workspace, tmp_path):
+    t = started(make_trainer())
+    for _ in range(3):
+        t.train_step(next(t.dataloader_train))
+    t.current_epoch = 1
+    path = str(tmp_path / "ckpt.pth")
+    t.save_checkpoint(path)
+    t.on_train_end()
+
+    for source in (path, torch.load(path, map_location="cpu", weights_only=False)):
+        r = make_trainer()
+        r.load_checkpoint(source)
+        assert r.global_step == 3 and r.current_epoch == 2 and r._ssl_state_loaded
+        for k, v in t.teacher.state_dict().items():
+            assert torch.equal(r.teacher.state_dict()[k], v), k
+        for k, v in t.network.state_dict().items():
+            assert torch.equal(r.network.state_dict()[k], v), k
+        assert not all(torch.equal(r.teacher.state_dict()[k], v) for k, v in r.network.state_dict().items())
+        assert r.optimizer.state_dict()["state"].keys() == t.optimizer.state_dict()["state"].keys()
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnSSL_MeanTeacherTrainer"
+    assert set(ckpt["nnssl"]["modules"]) == {"teacher"} and ckpt["nnssl"]["hyperparameters"]["ema_decay"] == 0.99
+
+
+def test_run_training_logs_ssl_terms_and_resumes(workspace):
+    t = make_trainer(epochs=2, iters=2)
+    t.run_training()
+    log = t.logger.local_logger.my_fantastic_logging
+    for key in ("sup_loss", "unsup_loss", "unsup_weight", "n_labeled", "n_unlabeled"):
+        assert len(log[key]) == 2, key
+    assert log["unsup_weight"][1] > log["unsup_weight"][0]
+    assert os.path.isfile(join(t.output_folder, "progress.png"))
+    final = join(t.output_folder, "checkpoint_final.pth")
+    teacher_final = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+
+    r = make_trainer(epochs=3, iters=2)  # what --c does with a longer budget
+    r.load_checkpoint(final)
+    assert r.global_step == 4 and r.current_epoch == 2
+    for k, v in teacher_final.items():
+        assert torch.equal(r.teacher.state_dict()[k], v)
+    r.run_training()
+    assert r.global_step == 6
+    assert len(r.logger.local_logger.my_fantastic_logging["unsup_loss"]) == 3
+
+
+def test_2d_configuration(workspace):
+    t = started(make_trainer(configuration="2d", plans_name="nnUNetPlans"))
+    t.batch_size = 4  # the 2D plans' batch of 26 slices is more than a CPU test needs
+    t.unlabeled_batch_size_per_rank = 4
+    t.dataloader_train = t.get_dataloaders()[0]
+    t.dataloader_unlabeled = t.get_unlabeled_dataloader(t.unlabeled_pool)
+    out = t.train_step(next(t.dataloader_train))
+    assert np.isfinite(out["loss"]) and out["unsup_loss"] > 0
+    assert next(t.dataloader_unlabeled)["data"].ndim == 4
+    t.on_train_end()
+
+
+def test_missing_unlabeled_data_is_a_clear_error(workspace):
+    pre = join(os.environ["nnUNet_preprocessed"], DATASET)
+    shutil.rmtree(join(pre, "unlabeled"))
+    splits = load_json(join(pre, "splits_final.json"))
+    for fold in splits:
+        fold.pop("unlabeled")
+    json.dump(splits, open(join(pre, "splits_final.json"), "w"))
+    t = make_trainer()
+    with pytest.raises(RuntimeError, match="nnssl_preprocess_unlabeled"):
+        t.on_train_start()
+    assert t.dataloader_train is None  # raised before nnU-Net started any loader
+
+
+def test_stale_unlabeled_data_is_a_clear_error(workspace):
+    manifest = join(os.environ["nnUNet_preprocessed"], DATASET, "unlabeled", "nnUNetPlans_3d_fullres",
+                    UNLABELED_MANIFEST)
+    m = load_json(manifest)
+    m["preprocessing_fingerprint"] = "0000"
+    json.dump(m, open(manifest, "w"))
+    with pytest.raises(RuntimeError, match="--overwrite"):
+        make_trainer().on_train_start()
+
+
+def test_batch_composition_hook(workspace):
+    class Composed(nnSSL_MeanTeacherTrainer):
+        composition = (1, 1)
+
+        def batch_composition(self):
+            return self.composition
+
+    t = started(make_trainer(Composed))
+    out = t.train_step(next(t.dataloader_train))
+    assert out["n_labeled"] == 1 and out["n_unlabeled"] == 1
+    t.composition = (0, 2)
+    out = t.train_step(next(t.dataloader_train))
+    assert out["sup_loss"] == 0 and out["unsup_loss"] > 0
+    t.composition = (3, 0)
+    with pytest.raises(ValueError, match="batch_composition"):
+        t.train_step(next(t.dataloader_train))
+    t.on_train_end()
+
+
+def test_deep_supervision_policy(workspace):
+    t = make_trainer()
+    t.initialize()
+    outs = [torch.full((1,), float(i + 1)) for i in range(len(t.loss.weight_factors))]
+    assert t.ds_loss(lambda a: a.sum(), outs).item() == 1.0  # highest resolution only
+    t.ssl_deep_supervision = True
+    expected = sum(w * (i + 1) for i, w in enumerate(t.loss.weight_factors))
+    assert t.ds_loss(lambda a: a.sum(), outs).item() == pytest.approx(expected)
+
+
+def test_base_trainer_has_no_unlabeled_term(workspace):
+    t = started(make_trainer(nnSSLTrainer))
+    with pytest.raises(NotImplementedError):
+        t.train_step(next(t.dataloader_train))
+    t.on_train_end()
