@@ -24,7 +24,8 @@ class SSLLocalLogger(LocalLogger):
             self.my_fantastic_logging[key] = [math.nan] * epoch
 
     def ssl_keys(self) -> list:
-        return [k for k in self.my_fantastic_logging if k not in NNUNET_KEYS]
+        # timings (e.g. the budget variants' train_phase_seconds) are not semi-supervised terms
+        return [k for k in self.my_fantastic_logging if k not in NNUNET_KEYS and not k.endswith("_seconds")]
 
     def plot_progress_png(self, output_folder: str) -> None:
         import matplotlib

@@ -14,7 +14,8 @@ so the labeled-only baseline gets exactly the same budget:
 
 Ramp-ups expressed in fractions of the training (the nnssl default) follow the shorter budget. The variant
 writes ``checkpoint_latest.pth`` every tenth of the run (at most every 50 epochs, nnU-Net's interval), so that
-``--c`` resumes an interrupted short run without losing much. The class is created when nnU-Net looks the name
+``--c`` resumes an interrupted short run without losing much, and logs the wall time of each epoch's training
+phase (``train_phase_seconds``, validation excluded) so that seconds per iteration compare across trainers. The class is created when nnU-Net looks the name
 up (through the module ``__getattr__`` below and the re-export module that ``nnUNet_extTrainer`` points at); the
 same name always gives the same class object, and the class pickles by name.
 """
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Optional, Type
 
 import torch
 
 _VARIANT = re.compile(r"^(?P<base>[A-Za-z]\w*?)_(?P<epochs>\d+)epochs(?:_(?P<iters>\d+)iters)?"
                       r"(?:_(?P<val>\d+)valiters)?$")
+TRAIN_PHASE_KEY = "train_phase_seconds"
 _made: dict = {}  # cache: the same name must give the same class object (identity, pickling)
 
 
@@ -75,10 +78,21 @@ def budget_variant(name: str) -> Optional[Type]:
         if val_iters is not None:
             self.num_val_iterations_per_epoch = val_iters
         self.save_every = max(1, min(self.save_every, epochs // 10))
+        log = self.logger.local_logger.my_fantastic_logging
+        log.setdefault(TRAIN_PHASE_KEY, [])
+
+    def on_train_epoch_start(self):
+        self._train_phase_start = time.perf_counter()
+        base.on_train_epoch_start(self)
+
+    def on_train_epoch_end(self, train_outputs):
+        base.on_train_epoch_end(self, train_outputs)
+        self.logger.log(TRAIN_PHASE_KEY, time.perf_counter() - self._train_phase_start, self.current_epoch)
 
     budget = f"{epochs} epochs" + (f" x {iters} iterations" if iters else "") + \
              (f", {val_iters} validation iterations" if val_iters else "")
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+    cls = type(name, (base,), {"__init__": __init__, "on_train_epoch_start": on_train_epoch_start,
+                               "on_train_epoch_end": on_train_epoch_end, "__module__": __name__, "__qualname__": name,
                                "__doc__": f"{base_name} with a budget of {budget} (see nnssl.trainers.variants)."})
     _made[name] = cls
     return cls
