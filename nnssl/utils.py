@@ -68,19 +68,24 @@ def preprocessing_fingerprint(plans: dict, configuration: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_json(obj: Any, path: str) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """JSON (indented) written with :func:`atomic_write_text`."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False))
 
 
 def load_json_or_none(path: str) -> Optional[Any]:

@@ -296,7 +296,7 @@ def test_cli_3d(dataset3d, capsys):
     assert summary["over_classes"]["hd95_mm"]["mean"] == pytest.approx(np.mean(per_case))
     assert summary["over_classes"]["dice"]["mean_of_class_means"] == pytest.approx(
         (summary["per_class"]["1"]["dice"]["mean"] + post["dice"]["mean"]) / 2)
-    assert not [n for n in os.listdir(d["pred"]) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(d["pred"]) if n.startswith(".tmp_")]
 
 
 def test_library_entry_point_with_workers_and_dataset_id(dataset3d, monkeypatch):
@@ -326,14 +326,14 @@ def test_library_entry_point_with_workers_and_dataset_id(dataset3d, monkeypatch)
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
-    from nnssl.evaluation import evaluate
+    from nnssl import utils
 
     def fail(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate.os, "replace", fail)
+    monkeypatch.setattr(utils.os, "replace", fail)
     with pytest.raises(KeyboardInterrupt):
-        evaluate._write_atomically(str(tmp_path / "out.json"), "{}")
+        utils.atomic_write_text(str(tmp_path / "out.json"), "{}")
     assert os.listdir(tmp_path) == []
 
 

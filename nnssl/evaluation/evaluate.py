@@ -37,12 +37,12 @@ import math
 import os
 import shlex
 import sys
-import uuid
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from nnssl.evaluation.metrics import DISTANCE_DEFINITIONS, EMPTY_RULE, binary_metrics
+from nnssl.utils import atomic_write_text
 
 METRICS = ("dice", "iou", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")
 HC_COLUMNS = ("hc_pred_mm", "hc_ref_mm", "hc_diff_mm", "hc_abs_diff_mm")
@@ -307,20 +307,6 @@ def _csv_text(rows: List[dict], columns: Sequence[str]) -> str:
     return out.getvalue()
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then move it into place with ``os.replace``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "x", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def evaluate_folders(ref_folder: str, pred_folder: str, dataset_json: dict, output_prefix: Optional[str] = None,
                      num_processes: int = 1, hc: bool = False, hc_csv: Optional[str] = None, *,
                      command_line: Optional[str] = None) -> dict:
@@ -400,8 +386,8 @@ def evaluate_folders(ref_folder: str, pred_folder: str, dataset_json: dict, outp
         summary["head_circumference"] = _summarise_hc(rows, hc_csv)
     summary["outputs"] = {"per_case_csv": os.path.abspath(csv_file), "summary_json": os.path.abspath(json_file)}
     summary = _json_ready(summary)
-    _write_atomically(csv_file, _csv_text(rows, CSV_COLUMNS + (HC_COLUMNS if hc else ())))
-    _write_atomically(json_file, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(csv_file, _csv_text(rows, CSV_COLUMNS + (HC_COLUMNS if hc else ())))
+    atomic_write_text(json_file, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary
 
 

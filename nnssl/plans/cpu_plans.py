@@ -118,9 +118,15 @@ def make_cpu_plans(dataset: str | int, source_plans: str = "nnUNetPlans", target
 
         require_env("nnUNet_raw")
         planner = ExperimentPlanner(name, plans_name=target_plans)
-    atomic_write_json(scale_plans(load_json(src), features_scale, batch_size, target_plans,
-                                  configurations=configurations, spacing_factor=spacing_factor,
-                                  planner=planner), dst)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the common CPU setting 0
+    saved = os.environ.pop("nnUNet_n_proc_DA", None) if os.environ.get("nnUNet_n_proc_DA") == "0" else None
+    try:
+        plans = scale_plans(load_json(src), features_scale, batch_size, target_plans, configurations=configurations,
+                            spacing_factor=spacing_factor, planner=planner)
+    finally:
+        if saved is not None:
+            os.environ["nnUNet_n_proc_DA"] = saved
+    atomic_write_json(plans, dst)
     print(f"wrote {dst} (features x{features_scale}" + (f", batch size {batch_size}" if batch_size else "") +
           (f", spacing x{spacing_factor}" if spacing_factor != 1.0 else "") + f"); train with -p {target_plans}")
     if spacing_factor != 1.0:

@@ -1,0 +1,34 @@
+"""The benchmark runner's --quick chain on a subset of the real Hippocampus data (skipped without the data)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "Task04_Hippocampus")),
+                    reason=f"real data not found in {DATA} (Task04_Hippocampus)")
+def test_quick_benchmark_chain(tmp_path):
+    results = str(tmp_path / "res")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--dataset", "hippocampus", "--quick",
+           "--work", str(tmp_path / "work"), "--results", results]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.load(open(results + ".json"))
+    assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnSSL_MeanTeacherTrainer",
+                              "nnUNetTrainer (labeled only, compute-matched)",
+                              "nnUNetTrainer (all labels, upper bound)"}
+    for runs in r["runs"].values():
+        e = runs["0"]
+        assert e["done"] and set(e["per_class"]) == {"Anterior", "Posterior"} and e["seconds_per_iteration"] > 0
+    matched = r["runs"]["nnUNetTrainer (labeled only, compute-matched)"]["0"]["iterations"]
+    assert matched > r["runs"]["nnUNetTrainer (labeled only)"]["0"]["iterations"]
+    assert os.path.isfile(results + ".md") and os.path.isfile(results + ".png")
+    # a second call finds everything done and only rewrites the report
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "train " not in p.stdout
