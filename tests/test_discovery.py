@@ -11,7 +11,7 @@ from nnssl.commands.trainer_path import ext_trainer_value
 from nnssl.nnunet_ext import EXT_TRAINER_DIR
 from nnssl.trainers.variants import budget_variant, parse_variant_name
 
-TRAINERS = ["nnSSL_MeanTeacherTrainer"]
+TRAINERS = ["nnSSL_MEDLTrainer", "nnSSL_MeanTeacherTrainer"]
 
 
 def test_parse_variant_names():
@@ -75,9 +75,13 @@ def test_ext_trainer_value_keeps_other_folders():
 
 
 def test_every_exported_trainer_is_named_by_the_rules():
-    import nnssl.trainers.mean_teacher as mt
+    import importlib.util
 
-    exported = [n for n in dir(mt) if n.startswith("nnSSL_")]
+    spec = importlib.util.spec_from_file_location("exports", os.path.join(EXT_TRAINER_DIR,
+                                                                           "nnssl_trainer_exports.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exported = sorted(n for n in vars(module) if n.startswith("nnSSL_"))
     assert exported == TRAINERS
     for name in exported:
         assert "__" not in name and name.endswith("Trainer")

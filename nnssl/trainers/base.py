@@ -11,7 +11,8 @@ validation) that also owns, once, everything semi-supervised methods share:
 - the ramp-up of the unlabeled weight (:attr:`unsup_weight`, :attr:`unsup_rampup_epochs`,
   :attr:`unsup_rampup_shape`), evaluated per iteration;
 - extra networks and optimizers (``register_ssl_module`` / ``register_ssl_optimizer``), e.g. an EMA teacher
-  made with ``make_ema_copy``: moved to the device, switched with deep supervision, and checkpointed;
+  made with ``make_ema_copy``: moved to the device, switched with deep supervision, and checkpointed; every
+  registered optimizer is stepped with ``self.optimizer`` (clipping, grad scaler) and its scheduler per epoch;
 - checkpoints with all extra state under the key ``"nnssl"``, so ``--c`` resumes teachers, extra networks,
   their optimizers and the step counter, while ``network_weights`` stays what ``nnUNetv2_predict`` loads;
 - per-epoch logging of every term a method returns (nnU-Net's logger, and a panel in progress.png);
@@ -62,6 +63,10 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _parameters(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 class nnSSLTrainer(nnUNetTrainer):
     """Base trainer of nnssl (not meant to be trained itself: it has no unlabeled term).
 
@@ -94,6 +99,7 @@ class nnSSLTrainer(nnUNetTrainer):
         self.global_step = 0  # optimizer steps taken; checkpointed
         self.ssl_modules: Dict[str, nn.Module] = {}
         self.ssl_optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.ssl_lr_schedulers: Dict[str, object] = {}
         self.dataloader_unlabeled = None
         self.unlabeled_pool: Optional[UnlabeledPool] = None
         self._ssl_state_loaded = False
@@ -162,9 +168,14 @@ class nnSSLTrainer(nnUNetTrainer):
         self.ssl_modules[name] = module
         return module
 
-    def register_ssl_optimizer(self, name: str, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Register an extra optimizer (checkpointed)."""
+    def register_ssl_optimizer(self, name: str, optimizer: torch.optim.Optimizer,
+                               lr_scheduler=None) -> torch.optim.Optimizer:
+        """Register an extra optimizer: zeroed, stepped (with clipping and the grad scaler) after every backward
+        pass like ``self.optimizer``, and checkpointed. Its ``lr_scheduler`` is stepped per epoch like nnU-Net's
+        (``scheduler.step(current_epoch)``; as in nnU-Net its state is recomputed from the epoch, not saved)."""
         self.ssl_optimizers[name] = optimizer
+        if lr_scheduler is not None:
+            self.ssl_lr_schedulers[name] = lr_scheduler
         return optimizer
 
     def make_ema_copy(self) -> nn.Module:
@@ -229,11 +240,12 @@ class nnSSLTrainer(nnUNetTrainer):
         self.logger.update_config({"nnssl": self.ssl_hyperparameters()})
 
     def set_deep_supervision_enabled(self, enabled: bool):
-        super().set_deep_supervision_enabled(enabled)
-        for module in self.ssl_modules.values():
-            decoder = getattr(unwrap(module), "decoder", None)
-            if decoder is not None and hasattr(decoder, "deep_supervision"):
-                decoder.deep_supervision = enabled
+        """Switch deep supervision in the network and every extra network, wherever a submodule has the flag
+        (nnU-Net's decoders; also inside wrappers holding several networks)."""
+        for module in (self.network, *self.ssl_modules.values()):
+            for m in unwrap(module).modules():
+                if hasattr(m, "deep_supervision"):
+                    m.deep_supervision = enabled
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -258,6 +270,8 @@ class nnSSLTrainer(nnUNetTrainer):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        for scheduler in self.ssl_lr_schedulers.values():
+            scheduler.step(self.current_epoch)
         for module in self.ssl_modules.values():
             module.train()
 
@@ -277,20 +291,25 @@ class nnSSLTrainer(nnUNetTrainer):
         else:
             data_u = data_l[:0]
 
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizers = [self.optimizer, *self.ssl_optimizers.values()]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             loss, terms = self.compute_loss(data_l, target_l, data_u)
 
+        # nnU-Net's step (gradient norm clipped at 12), for each optimizer over its own parameters
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
+            for optimizer in optimizers:
+                self.grad_scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
+                self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            for optimizer in optimizers:
+                torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
+                optimizer.step()
         self.after_optimizer_step()
         self.global_step += 1
 
