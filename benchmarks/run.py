@@ -322,10 +322,15 @@ class Runner:
                     e["time_ratio_to_nnUNetTrainer"] = e["seconds_per_iteration"] / lower["seconds_per_iteration"]
                     ratios.append(e["time_ratio_to_nnUNetTrainer"])
             self.save()
-            ratio = self.results.setdefault("compute_ratio", {}).get(str(seed)) or (max(ratios) if ratios else 2.0)
-            self.results["compute_ratio"][str(seed)] = ratio
-            self.run_one("nnUNetTrainer (labeled only, compute-matched)", "nnUNetTrainer", seed,
-                         int(math.ceil(a.iters * ratio)), seed)
+            # the costliest SSL trainer's measured cost; a costlier trainer added later retrains this row
+            ratio = max(ratios) if ratios else 2.0
+            self.results.setdefault("compute_ratio", {})[str(seed)] = ratio
+            matched_key = "nnUNetTrainer (labeled only, compute-matched)"
+            matched_iters = int(math.ceil(a.iters * ratio))
+            old = self.results["runs"].get(matched_key, {}).get(str(seed))
+            if old and old["iterations"] != a.epochs * matched_iters:
+                del self.results["runs"][matched_key][str(seed)]
+            self.run_one(matched_key, "nnUNetTrainer", seed, matched_iters, seed)
             self.run_one("nnUNetTrainer (all labels, upper bound)", "nnUNetTrainer", seed + UPPER_FOLD_OFFSET,
                          a.iters, seed)
         for runs in self.results["runs"].values():
