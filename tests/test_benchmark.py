@@ -1,5 +1,6 @@
 """The benchmark runner's --quick chain on a subset of the real Hippocampus data (skipped without the data)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
+def _runner():
+    spec = importlib.util.spec_from_file_location("nnssl_benchmark_run", os.path.join(REPO, "benchmarks", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "Task04_Hippocampus")),
                     reason=f"real data not found in {DATA} (Task04_Hippocampus)")
 def test_quick_benchmark_chain(tmp_path):
@@ -20,9 +28,12 @@ def test_quick_benchmark_chain(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(results + ".json"))
-    assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnSSL_MeanTeacherTrainer",
-                              "nnUNetTrainer (labeled only, compute-matched)",
-                              "nnUNetTrainer (all labels, upper bound)"}
+    assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnUNetTrainer (labeled only, compute-matched)",
+                              "nnUNetTrainer (all labels, upper bound)"} | set(_runner().ssl_trainers())
+    assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer"} <= set(r["runs"])
+    # the compute-matched row follows the costliest SSL trainer
+    assert r["compute_ratio"]["0"] == pytest.approx(max(r["runs"][t]["0"]["time_ratio_to_nnUNetTrainer"]
+                                                         for t in _runner().ssl_trainers()))
     for runs in r["runs"].values():
         e = runs["0"]
         assert e["done"] and set(e["per_class"]) == {"Anterior", "Posterior"} and e["seconds_per_iteration"] > 0
