@@ -19,13 +19,15 @@ def test_pair_averages_probabilities_and_heads_match(workspace):
     pair = t.network
     assert isinstance(pair, EvidentialPair) and type(pair.net_b).__name__ == "ResidualEncoderUNet"
     x = torch.randn(1, 1, 32, 32, 32)
-    out = pair(x)
-    pair.return_both = True
-    out_a, out_b = pair(x)
-    pair.return_both = False
+    pair.eval()
+    with torch.no_grad():  # two separate forward passes: compare up to float round-off of CPU kernels
+        out = pair(x)
+        pair.return_both = True
+        out_a, out_b = pair(x)
+        pair.return_both = False
     assert [o.shape for o in out_a] == [o.shape for o in out_b]  # same deep-supervision shapes
     mean = 0.5 * (expected_log_probs(out_a[0]).exp() + expected_log_probs(out_b[0]).exp())
-    assert torch.allclose(torch.softmax(out[0], 1), mean, atol=1e-6)
+    assert torch.allclose(torch.softmax(out[0], 1), mean, atol=1e-5)
 
 
 def test_unlabeled_terms_reach_both_networks_and_total_is_their_sum(workspace):
