@@ -294,6 +294,11 @@ class Runner:
                  "learning_curve": {"ema_pseudo_dice": [float(v) for v in log["ema_fg_dice"]],
                                     "train_loss": [float(v) for v in log["train_losses"]]},
                  "done": True}
+        # share of a training iteration spent in a method's own search step (CAD's region search), from the
+        # per-iteration seconds the trainer logs (median over epochs, like seconds_per_iteration)
+        for logged, name in (("region_search_s", "region_search_share"), ("pseudo_label_s", "pseudo_label_share")):
+            if log.get(logged) and entry["seconds_per_iteration"]:
+                entry[name] = float(np.median(log[logged])) / entry["seconds_per_iteration"]
         if train is None and self.results["runs"][key].get(str(seed)):  # keep what an earlier call measured
             old = self.results["runs"][key][str(seed)]
             entry["train_wall_seconds"], entry["peak_rss_mb"] = old.get("train_wall_seconds"), old.get("peak_rss_mb")
@@ -380,6 +385,8 @@ def write_report(results: dict, path: str) -> None:
                                                                                   "ASD (mm)"]
     head += ["HC abs diff (mm)"] if hc else []
     head += ["s/iteration", "time ratio", "training (min)", "peak RSS (MB)"]
+    search = any("region_search_share" in e for r in runs.values() for e in r.values())
+    head += ["region search share"] if search else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, r in runs.items():
         es = list(r.values())
@@ -391,6 +398,7 @@ def write_report(results: dict, path: str) -> None:
                 _mean_sd([e.get("time_ratio_to_nnUNetTrainer") for e in es]),
                 _mean_sd([e["train_epochs_seconds"] / 60 if e.get("train_epochs_seconds") else None for e in es]),
                 _mean_sd([e.get("peak_rss_mb") for e in es])]
+        row += [_mean_sd([e.get("region_search_share") for e in es])] if search else []
         lines.append("| " + " | ".join(row) + " |")
     b = results["budget"]
     lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {results['test_cases']} held-out test cases, "

@@ -58,3 +58,13 @@ def rampup(shape: str, t: float, length: float) -> float:
     if shape == "none":
         return 1.0
     raise ValueError(f"unknown ramp shape {shape!r}; expected one of {RAMP_SHAPES}")
+
+
+def escalate(start: float, end: float, t: float, length: float, shape: str = "linear") -> float:
+    """A value that moves from ``start`` at ``t = 0`` to ``end`` at ``t >= length`` along a ramp of ``shape``.
+
+    ``start + (end - start) * rampup(shape, t, length)`` (CAD's Dynamic Threshold Escalation: the confidence
+    threshold and the maximum replacement size rise over training). With ``"sigmoid"`` the value at ``t = 0`` is
+    ``start + 0.0067 (end - start)``.
+    """
+    return float(start + (end - start) * rampup(shape, t, length))

@@ -30,7 +30,10 @@ def test_quick_benchmark_chain(tmp_path):
     r = json.load(open(results + ".json"))
     assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnUNetTrainer (labeled only, compute-matched)",
                               "nnUNetTrainer (all labels, upper bound)"} | set(_runner().ssl_trainers())
-    assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer"} <= set(r["runs"])
+    assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer", "nnSSL_CADTrainer"} <= set(r["runs"])
+    # CAD's region search is timed and reported as a share of its iteration
+    assert 0 < r["runs"]["nnSSL_CADTrainer"]["0"]["region_search_share"] < 1
+    assert "region search share" in open(results + ".md").read()
     # the compute-matched row follows the costliest SSL trainer
     assert r["compute_ratio"]["0"] == pytest.approx(max(r["runs"][t]["0"]["time_ratio_to_nnUNetTrainer"]
                                                          for t in _runner().ssl_trainers()))

@@ -10,7 +10,7 @@ from conftest import DATASET, DATASET_ID, run, script
 from nnssl.losses.evidential import expected_log_probs
 from nnssl.trainers import medl as medl_module
 from nnssl.trainers.medl import EvidentialPair, nnSSL_MEDLTrainer
-from test_trainers import batches, grads, make_trainer, started
+from test_trainers import batches, grads, make_trainer, started, started_2d
 
 
 def test_pair_averages_probabilities_and_heads_match(workspace):
@@ -84,10 +84,7 @@ def test_train_step_checkpoint_round_trip(workspace, tmp_path):
 
 
 def test_2d_configuration(workspace):
-    t = started(make_trainer(nnSSL_MEDLTrainer, configuration="2d", plans_name="nnUNetPlans"))
-    t.batch_size = t.unlabeled_batch_size_per_rank = 4
-    t.dataloader_train = t.get_dataloaders()[0]
-    t.dataloader_unlabeled = t.get_unlabeled_dataloader(t.unlabeled_pool)
+    t = started_2d(nnSSL_MEDLTrainer)
     out = t.train_step(next(t.dataloader_train))
     assert np.isfinite(out["loss"]) and out["pseudo_label_loss"] > 0
     t.on_train_end()

@@ -32,6 +32,15 @@ def started(trainer):
     return trainer
 
 
+def started_2d(cls, batch_size=4):
+    """A started trainer of the 2D configuration (nnU-Net's plans) with ``batch_size`` labeled and unlabeled."""
+    t = started(make_trainer(cls, configuration="2d", plans_name="nnUNetPlans"))
+    t.batch_size = t.unlabeled_batch_size_per_rank = batch_size
+    t.dataloader_train = t.get_dataloaders()[0]
+    t.dataloader_unlabeled = t.get_unlabeled_dataloader(t.unlabeled_pool)
+    return t
+
+
 def batches(trainer):
     batch = next(trainer.dataloader_train)
     data_l = batch["data"]
@@ -151,11 +160,7 @@ def test_run_training_logs_ssl_terms_and_resumes(workspace):
 
 
 def test_2d_configuration(workspace):
-    t = started(make_trainer(configuration="2d", plans_name="nnUNetPlans"))
-    t.batch_size = 4  # the 2D plans' batch of 26 slices is more than a CPU test needs
-    t.unlabeled_batch_size_per_rank = 4
-    t.dataloader_train = t.get_dataloaders()[0]
-    t.dataloader_unlabeled = t.get_unlabeled_dataloader(t.unlabeled_pool)
+    t = started_2d(nnSSL_MeanTeacherTrainer)  # the 2D plans' batch of 26 slices is more than a CPU test needs
     out = t.train_step(next(t.dataloader_train))
     assert np.isfinite(out["loss"]) and out["unsup_loss"] > 0
     assert next(t.dataloader_unlabeled)["data"].ndim == 4

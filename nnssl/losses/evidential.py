@@ -20,6 +20,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from nnssl.losses.segmentation import weighted_dice_ce  # noqa: F401 (re-exported: MEDL's Dice + CE)
+
 _EPS = 1e-8
 
 
@@ -137,33 +139,3 @@ def fisher_evidential_loss(alpha: torch.Tensor, target: torch.Tensor, fisher_wei
         return per_voxel.mean()
     w = voxel_weight.detach().float()
     return (w * per_voxel).sum() / w.sum().clamp_min(_EPS)
-
-
-def weighted_dice_ce(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor = None,
-                     smooth: float = 1e-5) -> torch.Tensor:
-    """Voxel-weighted cross-entropy plus soft Dice loss (foreground classes, batch Dice), each in [0, ...).
-
-    ``CE = sum(w * -log p_y) / sum(w)``; ``Dice loss = 1 - mean_k (2 sum w p_k y_k + s) / (sum w (p_k + y_k) + s)``
-    over the foreground classes k >= 1. With ``w = 1`` it is the usual Dice + CE.
-
-    Args:
-        log_probs: ``(B, K, *spatial)`` log class probabilities (e.g. :func:`expected_log_probs`).
-        target: class indices ``(B, *spatial)`` or ``(B, 1, *spatial)``.
-        voxel_weight: optional ``(B, 1, *spatial)`` weights (detached inside).
-
-    Returns:
-        scalar float32 loss.
-    """
-    log_probs = log_probs.float()
-    if target.ndim == log_probs.ndim:
-        target = target[:, 0]
-    target = target.long()
-    w = torch.ones_like(log_probs[:, :1]) if voxel_weight is None else voxel_weight.detach().float()
-    ce = -(log_probs.gather(1, target[:, None]) * w).sum() / w.sum().clamp_min(_EPS)
-    p = log_probs.exp()[:, 1:]
-    y = F.one_hot(target, log_probs.shape[1]).movedim(-1, 1).float()[:, 1:]
-    axes = [0] + list(range(2, p.ndim))
-    intersection = (w * p * y).sum(axes)
-    denominator = (w * (p + y)).sum(axes)
-    dice = (2.0 * intersection + smooth) / (denominator + smooth)
-    return ce + (1.0 - dice.mean())

@@ -1,5 +1,6 @@
 """Re-exports of the nnssl trainers for nnU-Net's external trainer lookup (``nnUNet_extTrainer``)."""
 
+from nnssl.trainers.cad import nnSSL_CADTrainer  # noqa: F401
 from nnssl.trainers.mean_teacher import nnSSL_MeanTeacherTrainer  # noqa: F401
 from nnssl.trainers.medl import nnSSL_MEDLTrainer  # noqa: F401
 

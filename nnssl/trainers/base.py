@@ -74,8 +74,10 @@ class nnSSLTrainer(nnUNetTrainer):
         unlabeled_batch_size: unlabeled patches per step; None = the plans' batch size (the literature's
             two-stream batches hold as many unlabeled as labeled samples).
         unsup_weight: maximum weight of the unlabeled term.
-        unsup_rampup_epochs: length of the weight's ramp-up in epochs; None = the whole training
-            (``num_epochs``), the literature's choice (SSL4MIS ramps over its whole iteration budget).
+        unsup_rampup_epochs: length of the weight's ramp-up in epochs; None = ``unsup_rampup_fraction`` of the
+            whole training (``num_epochs``), so that the ramp follows any run length.
+        unsup_rampup_fraction: share of ``num_epochs`` the ramp spans when ``unsup_rampup_epochs`` is None (1.0:
+            the whole training, the literature's choice: SSL4MIS ramps over its whole iteration budget).
         unsup_rampup_shape: ``"sigmoid"`` (exp(-5(1-t)^2)), ``"linear"``, ``"cosine"`` or ``"none"``.
         ssl_deep_supervision: apply unlabeled terms to every deep-supervision output (nnU-Net's weights)
             instead of the highest-resolution one only.
@@ -84,7 +86,7 @@ class nnSSLTrainer(nnUNetTrainer):
     """
 
     HYPERPARAMETERS: Tuple[str, ...] = ("unlabeled_batch_size", "unsup_weight", "unsup_rampup_epochs",
-                                        "unsup_rampup_shape", "ssl_deep_supervision")
+                                        "unsup_rampup_fraction", "unsup_rampup_shape", "ssl_deep_supervision")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -92,6 +94,7 @@ class nnSSLTrainer(nnUNetTrainer):
         self.unlabeled_batch_size: Optional[int] = None
         self.unsup_weight = 1.0
         self.unsup_rampup_epochs: Optional[float] = None
+        self.unsup_rampup_fraction = 1.0
         self.unsup_rampup_shape = "sigmoid"
         self.ssl_deep_supervision = False
         self.unlabeled_num_workers: Optional[int] = None
@@ -214,7 +217,8 @@ class nnSSLTrainer(nnUNetTrainer):
 
     def current_unsup_weight(self) -> float:
         """``unsup_weight`` times the ramp-up at the current iteration."""
-        epochs = self.num_epochs if self.unsup_rampup_epochs is None else self.unsup_rampup_epochs
+        epochs = (self.unsup_rampup_fraction * self.num_epochs if self.unsup_rampup_epochs is None
+                  else self.unsup_rampup_epochs)
         return self.unsup_weight * rampup(self.unsup_rampup_shape, self.global_step,
                                           epochs * self.num_iterations_per_epoch)
 

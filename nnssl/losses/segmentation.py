@@ -1,0 +1,113 @@
+"""Segmentation losses with voxel weights: Dice + CE, the copy-paste mix loss, cross pseudo-supervision.
+
+Conventions (pure functions, 2D and 3D): ``log_probs`` are ``(B, K, *spatial)`` log class probabilities
+(``torch.log_softmax(logits, 1)`` for softmax networks), ``logits`` raw network outputs of that shape; targets are
+class indices ``(B, *spatial)`` or ``(B, 1, *spatial)``; voxel weights are ``(B, 1, *spatial)`` and are detached.
+Everything is computed in float32 (safe under fp16 autocast). The Dice is nnU-Net's: soft, over the foreground
+classes ``k >= 1``, summed over the batch ("batch Dice"), without squares in the denominator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-8
+
+
+def _prepare(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight):
+    log_probs = log_probs.float()
+    if target.ndim == log_probs.ndim:
+        target = target[:, 0]
+    if target.shape != log_probs.shape[:1] + log_probs.shape[2:]:
+        raise ValueError(f"target {tuple(target.shape)} does not match log_probs {tuple(log_probs.shape)}")
+    w = torch.ones_like(log_probs[:, :1]) if voxel_weight is None else voxel_weight.detach().float()
+    return log_probs, target.long(), w
+
+
+def soft_dice_loss(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor = None,
+                   smooth: float = 1e-5) -> torch.Tensor:
+    """``1 - mean_k (2 sum w p_k y_k + s) / (sum w (p_k + y_k) + s)`` over the foreground classes ``k >= 1``.
+
+    Voxels of weight 0 do not count at all (a masked Dice); a class absent from target and prediction in the
+    weighted region scores Dice 1 (loss 0) thanks to ``smooth``.
+
+    Returns:
+        scalar float32 loss in [0, 1].
+    """
+    log_probs, target, w = _prepare(log_probs, target, voxel_weight)
+    p = log_probs.exp()[:, 1:]
+    y = F.one_hot(target, log_probs.shape[1]).movedim(-1, 1).float()[:, 1:]
+    axes = [0] + list(range(2, p.ndim))
+    intersection = (w * p * y).sum(axes)
+    denominator = (w * (p + y)).sum(axes)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    return 1.0 - dice.mean()
+
+
+def weighted_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor,
+                           voxel_weight: torch.Tensor = None) -> torch.Tensor:
+    """``sum(w * -log p_y) / sum(w)``: the cross-entropy averaged over the weighted region (0 if it is empty)."""
+    log_probs, target, w = _prepare(log_probs, target, voxel_weight)
+    return -(log_probs.gather(1, target[:, None]) * w).sum() / w.sum().clamp_min(_EPS)
+
+
+def weighted_dice_ce(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor = None,
+                     smooth: float = 1e-5) -> torch.Tensor:
+    """Voxel-weighted cross-entropy plus soft Dice loss (foreground classes, batch Dice), each in [0, ...).
+
+    ``CE = sum(w * -log p_y) / sum(w)``; ``Dice loss = 1 - mean_k (2 sum w p_k y_k + s) / (sum w (p_k + y_k) + s)``
+    over the foreground classes k >= 1. With ``w = 1`` it is the usual Dice + CE.
+
+    Args:
+        log_probs: ``(B, K, *spatial)`` log class probabilities.
+        target: class indices ``(B, *spatial)`` or ``(B, 1, *spatial)``.
+        voxel_weight: optional ``(B, 1, *spatial)`` weights (detached inside).
+
+    Returns:
+        scalar float32 loss.
+    """
+    return (weighted_cross_entropy(log_probs, target, voxel_weight)
+            + soft_dice_loss(log_probs, target, voxel_weight, smooth))
+
+
+def mix_loss(logits: torch.Tensor, target: torch.Tensor, labeled_region: torch.Tensor, labeled_weight: float = 1.0,
+             pseudo_weight: float = 0.5) -> torch.Tensor:
+    """BCP's loss on copy-paste mixed images: Dice + CE on each region, the two regions weighted separately.
+
+    ``labeled_weight * DiceCE|_{labeled region} + pseudo_weight * DiceCE|_{pseudo-labeled region}``, where each
+    DiceCE is :func:`weighted_dice_ce` restricted to its region (BCP ``mix_loss``: labeled voxels weight 1,
+    pseudo-labeled voxels ``u_weight = 0.5``). Voxels outside both regions (``labeled_region`` between 0 and 1 is
+    not expected) do not occur.
+
+    Args:
+        logits: ``(B, K, *spatial)`` raw outputs for the mixed images.
+        target: ``(B, 1, *spatial)`` or ``(B, *spatial)`` mixed target (ground truth in the labeled region,
+            pseudo-labels elsewhere).
+        labeled_region: ``(B, 1, *spatial)``, 1 where ``target`` is ground truth, 0 where it is a pseudo-label.
+        labeled_weight, pseudo_weight: the two regions' weights.
+
+    Returns:
+        scalar float32 loss.
+    """
+    log_probs = torch.log_softmax(logits.float(), 1)
+    region = labeled_region.detach().float()
+    total = torch.zeros((), device=logits.device)
+    if labeled_weight:
+        total = total + labeled_weight * weighted_dice_ce(log_probs, target, region)
+    if pseudo_weight:
+        total = total + pseudo_weight * weighted_dice_ce(log_probs, target, 1.0 - region)
+    return total
+
+
+def cps_dice_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """Cross pseudo-supervision term of ``logits``' network: soft Dice against the other network's argmax.
+
+    ``soft_dice_loss(log_softmax(logits), argmax(other_logits))``; the other network is detached, so the gradient
+    reaches ``logits``' network only (use it twice, with the roles swapped, for both directions). ABD uses Dice
+    only for its cross pseudo-supervision.
+    """
+    if logits.shape != other_logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and other logits {tuple(other_logits.shape)} differ")
+    pseudo = other_logits.detach().argmax(1)
+    return soft_dice_loss(torch.log_softmax(logits.float(), 1), pseudo)
