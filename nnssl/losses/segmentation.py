@@ -77,8 +77,7 @@ def mix_loss(logits: torch.Tensor, target: torch.Tensor, labeled_region: torch.T
 
     ``labeled_weight * DiceCE|_{labeled region} + pseudo_weight * DiceCE|_{pseudo-labeled region}``, where each
     DiceCE is :func:`weighted_dice_ce` restricted to its region (BCP ``mix_loss``: labeled voxels weight 1,
-    pseudo-labeled voxels ``u_weight = 0.5``). Voxels outside both regions (``labeled_region`` between 0 and 1 is
-    not expected) do not occur.
+    pseudo-labeled voxels ``u_weight = 0.5``).
 
     Args:
         logits: ``(B, K, *spatial)`` raw outputs for the mixed images.

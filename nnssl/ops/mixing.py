@@ -142,9 +142,9 @@ def strong_intensity_view(x: torch.Tensor, contrast_range: Tuple[float, float] =
     Gaussian noise of std ``noise_std`` (nnU-Net's images are z-scored, so the unit is the image's std).
     """
     shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+    device = generator.device if generator is not None else x.device  # draw on the GPU when x is there
     lo, hi = contrast_range
-    c = lo + (hi - lo) * torch.rand(shape, generator=generator, device=generator.device if generator else "cpu")
-    c = c.to(x.device, x.dtype)
+    c = (lo + (hi - lo) * torch.rand(shape, generator=generator, device=device)).to(x.device, x.dtype)
     mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else "cpu")
-    return (x - mean) * c + mean + noise_std * noise.to(x.device, x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=device).to(x.device, x.dtype)
+    return (x - mean) * c + mean + noise_std * noise
