@@ -6,8 +6,10 @@ validation) that also owns, once, everything semi-supervised methods share:
 - the unlabeled pool and loader (:mod:`nnssl.data.unlabeled`): same augmentation as the labeled loader,
   nnU-Net's background workers, shut down with the others; no label ever leaves it;
 - batch composition: ``batch_composition()`` returns the (labeled, unlabeled) sample counts of the next step,
-  from the plans' batch size and :attr:`unlabeled_batch_size` by default; a method may change the proportion
-  per step;
+  from the plans' batch size and :attr:`unlabeled_batch_size` by default; with :attr:`lrg_sampling` on, the
+  plans' batch is split between labeled and unlabeled samples by learning-rate-guided sampling
+  (:func:`nnssl.schedules.lrg_unlabeled_share`), fixed per epoch and logged; a method may change the
+  proportion per step;
 - the ramp-up of the unlabeled weight (:attr:`unsup_weight`, :attr:`unsup_rampup_epochs`,
   :attr:`unsup_rampup_shape`), evaluated per iteration;
 - extra networks and optimizers (``register_ssl_module`` / ``register_ssl_optimizer``), e.g. an EMA teacher
@@ -23,7 +25,9 @@ validation) that also owns, once, everything semi-supervised methods share:
 
 A method overrides named seams: ``build_ssl_modules`` (extra networks), ``unsupervised_loss`` (its unlabeled
 term), ``after_optimizer_step`` (EMA and the like), ``on_ssl_train_start`` (state that depends on the final
-student weights), ``batch_composition``, and ``compute_loss`` when it needs more than one student forward pass.
+student weights), ``batch_composition``, ``optimizers_to_step`` (e.g. alternating co-training),
+``ssl_extra_state``/``load_ssl_extra_state`` (a method's own counters in the checkpoint), and ``compute_loss``
+when it needs more than one student forward pass.
 Hyperparameters are attributes set in ``__init__``; list them in ``HYPERPARAMETERS`` to have them logged.
 """
 
@@ -49,7 +53,7 @@ from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnssl.data.unlabeled import UnlabeledDataLoader, UnlabeledPool
-from nnssl.schedules import rampup
+from nnssl.schedules import LRG_RULES, lrg_batch_split, lrg_unlabeled_share, rampup
 from nnssl.trainers.progress import SSLLocalLogger
 from nnssl.utils import UNLABELED_MANIFEST, preprocessing_fingerprint, unlabeled_preprocessed_folder
 
@@ -83,10 +87,18 @@ class nnSSLTrainer(nnUNetTrainer):
             instead of the highest-resolution one only.
         unlabeled_num_workers: background workers of the unlabeled loader; None = as many as nnU-Net uses for
             the labeled loader (``nnUNet_n_proc_DA``).
+        lrg_sampling: learning-rate-guided sampling (M&N): each epoch, the plans' batch size is split into
+            ``floor(share * B)`` unlabeled and the rest labeled samples (total unchanged), ``share`` following
+            :attr:`lrg_rule`; off (False) = labeled and unlabeled streams of fixed sizes.
+        lrg_rule: ``"lr"`` (share = 1 - lr / initial_lr of the main optimizer, the paper's description) or
+            ``"linear"`` (share rising linearly in epochs from :attr:`lrg_start_epoch` to the end, the authors'
+            released code).
+        lrg_start_epoch: epochs before this one draw labeled samples only.
     """
 
     HYPERPARAMETERS: Tuple[str, ...] = ("unlabeled_batch_size", "unsup_weight", "unsup_rampup_epochs",
-                                        "unsup_rampup_fraction", "unsup_rampup_shape", "ssl_deep_supervision")
+                                        "unsup_rampup_fraction", "unsup_rampup_shape", "ssl_deep_supervision",
+                                        "lrg_sampling", "lrg_rule", "lrg_start_epoch")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -98,6 +110,10 @@ class nnSSLTrainer(nnUNetTrainer):
         self.unsup_rampup_shape = "sigmoid"
         self.ssl_deep_supervision = False
         self.unlabeled_num_workers: Optional[int] = None
+        self.lrg_sampling = False
+        self.lrg_rule = "lr"
+        self.lrg_start_epoch = 0
+        self.lrg_unlabeled_share_now = 0.0  # this epoch's LRG share (set in on_train_epoch_start)
 
         self.global_step = 0  # optimizer steps taken; checkpointed
         self.ssl_modules: Dict[str, nn.Module] = {}
@@ -136,8 +152,27 @@ class nnSSLTrainer(nnUNetTrainer):
         """Called after each optimizer step (``self.global_step`` is the index of that step), e.g. EMA."""
 
     def batch_composition(self) -> Tuple[int, int]:
-        """(labeled, unlabeled) samples of the next step; at most the loaders' batch sizes."""
+        """(labeled, unlabeled) samples of the next step; at most the loaders' batch sizes.
+
+        Default: both loaders' full batches, or with :attr:`lrg_sampling` this epoch's LRG split of the plans'
+        batch size.
+        """
+        if self.lrg_sampling:
+            return lrg_batch_split(self.batch_size, self.lrg_unlabeled_share_now, self.unlabeled_batch_size_per_rank)
         return self.batch_size, self.unlabeled_batch_size_per_rank
+
+    def optimizers_to_step(self) -> List[torch.optim.Optimizer]:
+        """The optimizers zeroed and stepped this iteration: ``self.optimizer`` and every registered one. A method
+        that trains only some networks in a step (alternating co-training) returns those."""
+        return [self.optimizer, *self.ssl_optimizers.values()]
+
+    def ssl_extra_state(self) -> dict:
+        """A method's own state to checkpoint (picklable), e.g. stage counters; restored by
+        :meth:`load_ssl_extra_state` on ``--c``."""
+        return {}
+
+    def load_ssl_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`ssl_extra_state` returned."""
 
     def compute_loss(self, data_l: torch.Tensor, target_l, data_u: torch.Tensor
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -235,6 +270,8 @@ class nnSSLTrainer(nnUNetTrainer):
             else int(self.unlabeled_batch_size)
         if global_u < 0:
             raise ValueError(f"unlabeled_batch_size must be >= 0, got {global_u}")
+        if self.lrg_sampling and self.lrg_rule not in LRG_RULES:
+            raise ValueError(f"lrg_rule must be one of {LRG_RULES}, got {self.lrg_rule!r}")
         if self.is_ddp:
             world, rank = dist.get_world_size(), dist.get_rank()
             self.unlabeled_batch_size_per_rank = global_u // world + int(rank < global_u % world)
@@ -273,9 +310,16 @@ class nnSSLTrainer(nnUNetTrainer):
         self.dataloader_unlabeled = None
 
     def on_train_epoch_start(self):
-        super().on_train_epoch_start()
+        super().on_train_epoch_start()  # nnU-Net sets this epoch's learning rate
         for scheduler in self.ssl_lr_schedulers.values():
             scheduler.step(self.current_epoch)
+        if self.lrg_sampling:
+            self.lrg_unlabeled_share_now = lrg_unlabeled_share(
+                self.lrg_rule, lr=self.optimizer.param_groups[0]["lr"], max_lr=self.initial_lr,
+                epoch=self.current_epoch, start_epoch=self.lrg_start_epoch or 0, num_epochs=self.num_epochs)
+            n_l, n_u = self.batch_composition()
+            self.print_to_log_file(f"LRG sampling ({self.lrg_rule}): unlabeled share "
+                                   f"{self.lrg_unlabeled_share_now:.3f}, {n_l} labeled + {n_u} unlabeled per step")
         for module in self.ssl_modules.values():
             module.train()
 
@@ -295,7 +339,7 @@ class nnSSLTrainer(nnUNetTrainer):
         else:
             data_u = data_l[:0]
 
-        optimizers = [self.optimizer, *self.ssl_optimizers.values()]
+        optimizers = self.optimizers_to_step()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -318,6 +362,8 @@ class nnSSLTrainer(nnUNetTrainer):
         self.global_step += 1
 
         out = {"loss": loss.detach().cpu().numpy(), "n_labeled": float(n_l), "n_unlabeled": float(n_u)}
+        if self.lrg_sampling:
+            out["lrg_unlabeled_share"] = self.lrg_unlabeled_share_now
         for k, v in terms.items():
             out[k] = float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v)
         return out
@@ -439,6 +485,7 @@ class nnSSLTrainer(nnUNetTrainer):
                 "modules": {k: unwrap(m).state_dict() for k, m in self.ssl_modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in self.ssl_optimizers.items()},
                 "hyperparameters": self.ssl_hyperparameters(),
+                "extra": self.ssl_extra_state(),
             },
         }
         torch.save(checkpoint, filename)
@@ -478,4 +525,5 @@ class nnSSLTrainer(nnUNetTrainer):
             if name not in ssl["optimizers"]:
                 raise RuntimeError(f"checkpoint has no state for the extra optimizer {name!r}")
             optimizer.load_state_dict(ssl["optimizers"][name])
+        self.load_ssl_extra_state(ssl.get("extra", {}))
         self._ssl_state_loaded = True
