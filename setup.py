@@ -22,7 +22,11 @@ setup(
         "batchgeneratorsv2>=0.3",
         "dynamic-network-architectures>=0.4",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # M&N's 2D network: natural-image encoders with their pretrained weights (timm, MiT/SegFormer, ResNet)
+        "mn": ["segmentation-models-pytorch>=0.5"],
+        "test": ["pytest>=7", "segmentation-models-pytorch>=0.5"],
+    },
     entry_points={
         "console_scripts": [
             "nnssl_trainer_path=nnssl.commands.trainer_path:main",

@@ -25,12 +25,13 @@ def test_quick_benchmark_chain(tmp_path):
     results = str(tmp_path / "res")
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--dataset", "hippocampus", "--quick",
            "--work", str(tmp_path / "work"), "--results", results]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # M&N's 2D network: no weight download in a test
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(results + ".json"))
     assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnUNetTrainer (labeled only, compute-matched)",
                               "nnUNetTrainer (all labels, upper bound)"} | set(_runner().ssl_trainers())
-    assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer", "nnSSL_CADTrainer"} <= set(r["runs"])
+    assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer", "nnSSL_CADTrainer", "nnSSL_MNTrainer"} <= set(r["runs"])
     # CAD's region search is timed and reported as a share of its iteration
     assert 0 < r["runs"]["nnSSL_CADTrainer"]["0"]["region_search_share"] < 1
     assert "region search share" in open(results + ".md").read()
@@ -44,5 +45,5 @@ def test_quick_benchmark_chain(tmp_path):
     assert matched > r["runs"]["nnUNetTrainer (labeled only)"]["0"]["iterations"]
     assert os.path.isfile(results + ".md") and os.path.isfile(results + ".png")
     # a second call finds everything done and only rewrites the report
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0 and "train " not in p.stdout

@@ -11,7 +11,7 @@ from nnssl.commands.trainer_path import ext_trainer_value
 from nnssl.nnunet_ext import EXT_TRAINER_DIR
 from nnssl.trainers.variants import budget_variant, parse_variant_name
 
-TRAINERS = ["nnSSL_CADTrainer", "nnSSL_MEDLTrainer", "nnSSL_MeanTeacherTrainer"]
+TRAINERS = ["nnSSL_CADTrainer", "nnSSL_MEDLTrainer", "nnSSL_MNTrainer", "nnSSL_MeanTeacherTrainer"]
 
 
 def test_parse_variant_names():

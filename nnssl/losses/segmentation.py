@@ -1,4 +1,4 @@
-"""Segmentation losses with voxel weights: Dice + CE, the copy-paste mix loss, cross pseudo-supervision.
+"""Segmentation losses: voxel-weighted Dice + CE, the copy-paste mix loss, cross pseudo-supervision, soft targets.
 
 Conventions (pure functions, 2D and 3D): ``log_probs`` are ``(B, K, *spatial)`` log class probabilities
 (``torch.log_softmax(logits, 1)`` for softmax networks), ``logits`` raw network outputs of that shape; targets are
@@ -110,3 +110,29 @@ def cps_dice_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Ten
         raise ValueError(f"logits {tuple(logits.shape)} and other logits {tuple(other_logits.shape)} differ")
     pseudo = other_logits.detach().argmax(1)
     return soft_dice_loss(torch.log_softmax(logits.float(), 1), pseudo)
+
+
+def soft_target_dice_kl(logits: torch.Tensor, target_probs: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Dice + KL of a network against another network's soft prediction (M&N's pseudo-mask loss).
+
+    ``Dice = 1 - mean_k (2 sum p_k t_k + s) / (sum (p_k + t_k) + s)`` over the foreground classes ``k >= 1``
+    (batch Dice, as :func:`soft_dice_loss` with soft targets) and ``KL = mean_voxels sum_k t_k (log t_k - log p_k)``
+    with ``p = softmax(logits)``. KL is 0 at ``p = t`` (the soft Dice is lowest there only for one-hot ``t``);
+    gradients reach ``logits`` only.
+
+    Args:
+        logits: ``(B, K, *spatial)`` raw outputs of the learning network.
+        target_probs: ``(B, K, *spatial)`` class probabilities of the teaching network (detached inside).
+
+    Returns:
+        scalar float32 loss.
+    """
+    if logits.shape != target_probs.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target probabilities {tuple(target_probs.shape)} differ")
+    log_p = torch.log_softmax(logits.float(), 1)
+    t = target_probs.detach().float()
+    p = log_p.exp()[:, 1:]
+    axes = [0] + list(range(2, log_p.ndim))
+    dice = (2.0 * (p * t[:, 1:]).sum(axes) + smooth) / ((p + t[:, 1:]).sum(axes) + smooth)
+    kl = (t * (torch.log(t.clamp_min(_EPS)) - log_p)).sum(1).mean()
+    return (1.0 - dice.mean()) + kl

@@ -3,6 +3,7 @@
 from nnssl.trainers.cad import nnSSL_CADTrainer  # noqa: F401
 from nnssl.trainers.mean_teacher import nnSSL_MeanTeacherTrainer  # noqa: F401
 from nnssl.trainers.medl import nnSSL_MEDLTrainer  # noqa: F401
+from nnssl.trainers.mn import nnSSL_MNTrainer  # noqa: F401
 
 
 def __getattr__(name: str):
