@@ -9,7 +9,7 @@ import torch
 from conftest import DATASET, DATASET_ID, run, script
 from nnssl.trainers import cad as cad_module
 from nnssl.trainers.cad import nnSSL_CADTrainer
-from test_cli_e2e import _env_with_ext_trainer
+from test_cli_e2e import _env_with_ext_trainer, predict_test_images
 from test_trainers import batches, grads, make_trainer, started, started_2d
 
 
@@ -120,10 +120,4 @@ def test_cli_train_and_predict_with_student_1(workspace, tmp_path):
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"student_2", "teacher"}
     assert "displaced_cps_loss" in ckpt["logging"] and "region_search_s" in ckpt["logging"]
-    images = os.path.join(workspace, "raw", DATASET, "imagesTs")
-    preds = str(tmp_path / "preds")
-    run([script("nnUNetv2_predict"), "-i", images, "-o", preds, "-d", str(DATASET_ID), "-c", "3d_fullres", "-f",
-         "0", "-tr", variant, "-p", "nnUNetPlans_cpu", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--disable_tta"], env)
-    assert sorted(f for f in os.listdir(preds) if f.endswith(".nii.gz")) == sorted(
-        f.replace("_0000", "") for f in os.listdir(images))
+    predict_test_images(workspace, variant, env, str(tmp_path / "preds"))

@@ -13,6 +13,17 @@ from conftest import DATASET, DATASET_ID, run, script
 VARIANT = "nnSSL_MeanTeacherTrainer_2epochs_3iters_1valiters"
 
 
+def predict_test_images(workspace: str, variant: str, env: dict, preds: str) -> None:
+    """The stock nnUNetv2_predict of the synthetic test images with ``variant``'s fold 0 (CPU plans, no TTA); one
+    prediction per image."""
+    images = os.path.join(workspace, "raw", DATASET, "imagesTs")
+    run([script("nnUNetv2_predict"), "-i", images, "-o", preds, "-d", str(DATASET_ID), "-c", "3d_fullres", "-f",
+         "0", "-tr", variant, "-p", "nnUNetPlans_cpu", "-device", "cpu", "-npp", "1", "-nps", "1",
+         "--disable_tta"], env)
+    assert sorted(f for f in os.listdir(preds) if f.endswith(".nii.gz")) == sorted(
+        f.replace("_0000", "") for f in os.listdir(images))
+
+
 def _env_with_ext_trainer():
     env = dict(os.environ)
     export = subprocess.run([script("nnssl_trainer_path")], capture_output=True, text=True, env=env).stdout
