@@ -12,7 +12,7 @@ from nnssl.losses.segmentation import soft_target_dice_kl
 from nnssl.networks.pretrained_2d import SliceWise2DNetwork, build_pretrained_2d_network
 from nnssl.ops.slices import chunked, pad_to_multiple, slices_to_volume, volume_to_slices
 from nnssl.trainers.mn import nnSSL_MNTrainer
-from test_cli_e2e import _env_with_ext_trainer
+from test_cli_e2e import _env_with_ext_trainer, predict_test_images
 from test_trainers import grads, make_trainer, started
 
 pytest.importorskip("segmentation_models_pytorch", reason="M&N needs segmentation-models-pytorch (nnssl[mn])")
@@ -77,6 +77,27 @@ def test_slicewise_network_runs_2d_slices_of_3d_patches():
     assert torch.allclose(y[1, :, 3], expected[0], atol=1e-6)
     net4 = SliceWise2DNetwork(torch.nn.Conv2d(3, 2, 1), in_channels=4)
     assert net4(torch.randn(1, 4, 2, 8, 8)).shape == (1, 2, 2, 8, 8)
+
+
+def test_random_2d_network_has_finite_gradients_on_all_zero_slices():
+    """nnU-Net pads patches with 0: zero slices must not turn a randomly initialised MiT's gradients into NaN."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 32, 32)
+    x[0, :, 2] = 0.0  # one padded slice
+    x[1] = 0.0        # a wholly padded sample
+
+    def grads_finite(model):
+        out = model(x.movedim(2, 1).reshape(-1, 1, 32, 32).expand(-1, 3, -1, -1))
+        out.square().mean().backward()
+        return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    # the library's zero biases: the failure this guards against (if smp fixes it, this line tells us)
+    assert not grads_finite(smp.create_model("Segformer", encoder_name="mit_b0", encoder_weights=None, classes=3))
+    net, _ = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None)
+    out = net(x)
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
 def test_weights_offline_warn_then_random_and_local_file(tmp_path):
@@ -222,10 +243,4 @@ def test_cli_train_and_predict_with_the_3d_network(workspace, tmp_path):
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"net_2d"}
     assert "lrg_unlabeled_share" in ckpt["logging"] and "pseudo_3d_loss" in ckpt["logging"]
-    images = os.path.join(workspace, "raw", DATASET, "imagesTs")
-    preds = str(tmp_path / "preds")
-    run([script("nnUNetv2_predict"), "-i", images, "-o", preds, "-d", str(DATASET_ID), "-c", "3d_fullres", "-f",
-         "0", "-tr", variant, "-p", "nnUNetPlans_cpu", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--disable_tta"], env)
-    assert sorted(f for f in os.listdir(preds) if f.endswith(".nii.gz")) == sorted(
-        f.replace("_0000", "") for f in os.listdir(images))
+    predict_test_images(workspace, variant, env, str(tmp_path / "preds"))

@@ -224,3 +224,19 @@ def test_base_trainer_has_no_unlabeled_term(workspace):
     with pytest.raises(NotImplementedError):
         t.train_step(next(t.dataloader_train))
     t.on_train_end()
+
+
+def test_step_with_nonfinite_gradients_is_skipped_and_counted(workspace):
+    """On the CPU path (no GradScaler) a NaN gradient must not reach the weights; the skip is logged."""
+    t = started(make_trainer())
+    compute_loss = t.compute_loss
+    t.compute_loss = lambda dl, tl, du: (lambda loss, terms: (loss * float("nan"), terms))(*compute_loss(dl, tl, du))
+    before = [p.detach().clone() for p in t.network.parameters()]
+    out = t.train_step(next(t.dataloader_train))
+    assert out["n_nonfinite_grad_skips"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(t.network.parameters(), before))
+    t.compute_loss = compute_loss
+    out = t.train_step(next(t.dataloader_train))
+    assert out["n_nonfinite_grad_skips"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(t.network.parameters(), before))
+    t.on_train_end()

@@ -99,6 +99,23 @@ def load_local_weights(model: nn.Module, path: str) -> str:
     return f"local file {path}: {loaded} of {len(enc_keys) if part == 'encoder' else len(full_keys)} {part} tensors"
 
 
+def _random_model(smp, architecture: str, kwargs: dict) -> nn.Module:
+    """A randomly initialised smp model whose normalisation biases are not all zero.
+
+    The libraries initialise every bias to zero. An all-zero slice (nnU-Net pads patches with 0 after z-scoring)
+    then stays exactly zero through a transformer encoder such as MiT, and each LayerNorm's backward at a
+    zero-variance input multiplies the gradient by ``1 / sqrt(eps)`` (1000 for MiT's 1e-6): after MiT-B2's dozens
+    of LayerNorms the gradient overflows to NaN. Small random LayerNorm/GroupNorm biases (N(0, 0.02)) break the
+    chain of zeros at the first normalisation. Pretrained weights have non-zero biases and are left alone.
+    """
+    model = smp.create_model(architecture, encoder_weights=None, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape) * 0.02)
+    return model
+
+
 def build_pretrained_2d_network(architecture: str, encoder: str, num_classes: int, in_channels: int,
                                 encoder_weights: Optional[str] = "imagenet", weights_file: Optional[str] = None,
                                 chunk_slices: int = 64, checkpoint: bool = True) -> Tuple[SliceWise2DNetwork, str]:
@@ -125,10 +142,10 @@ def build_pretrained_2d_network(architecture: str, encoder: str, num_classes: in
                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the 2D network starts from RANDOM "
                        f"weights. Give a local weights file with ${WEIGHTS_ENV} or mn_2d_weights_file.")
             warnings.warn(message)
-            model = smp.create_model(architecture, encoder_weights=None, **kwargs)
+            model = _random_model(smp, architecture, kwargs)
             description = "random initialisation (WARNING: " + message + ")"
     else:
-        model = smp.create_model(architecture, encoder_weights=None, **kwargs)
+        model = _random_model(smp, architecture, kwargs)
         description = "random initialisation (mn_2d_encoder_weights = None)"
     stride = getattr(model.encoder, "output_stride", 32) or 32
     return SliceWise2DNetwork(model, in_channels, pad_multiple=int(stride), chunk_slices=chunk_slices,

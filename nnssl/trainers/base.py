@@ -353,15 +353,21 @@ class nnSSLTrainer(nnUNetTrainer):
                 torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
                 self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
+            skipped = 0  # the GradScaler skips steps with non-finite gradients itself
         else:
             loss.backward()
+            skipped = 0
             for optimizer in optimizers:
-                torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
-                optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
+                if torch.isfinite(norm):
+                    optimizer.step()
+                else:  # as the GradScaler does: one bad batch must not turn the weights into NaN for good
+                    skipped += 1
         self.after_optimizer_step()
         self.global_step += 1
 
-        out = {"loss": loss.detach().cpu().numpy(), "n_labeled": float(n_l), "n_unlabeled": float(n_u)}
+        out = {"loss": loss.detach().cpu().numpy(), "n_labeled": float(n_l), "n_unlabeled": float(n_u),
+               "n_nonfinite_grad_skips": float(skipped)}
         if self.lrg_sampling:
             out["lrg_unlabeled_share"] = self.lrg_unlabeled_share_now
         for k, v in terms.items():
