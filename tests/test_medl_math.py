@@ -113,3 +113,22 @@ def test_weighted_dice_ce():
     w = torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1)  # the second voxel does not count
     dice_w = (0 + 1e-5) / (0.2 + 1e-5)
     assert weighted_dice_ce(log_probs, target, w).item() == pytest.approx(-math.log(0.8) + 1 - dice_w, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_classes, fisher_weight, p_min, p_max", [
+    (2, 1.0, 0.0, 0.501),   # I-EDL's default: the minimum is zero evidence, a vacuous opinion (p = 1/2)
+    (3, 1.0, 0.0, 0.40),
+    (2, 0.01, 0.93, 0.95),  # MEDL trainer's default: a confident, correct opinion
+    (3, 0.01, 0.91, 0.93),
+])
+def test_fisher_loss_minimum_over_target_evidence(num_classes, fisher_weight, p_min, p_max):
+    """Where the Fisher loss of a correctly labelled voxel is smallest, over the target class's alpha (others 1)."""
+    a = torch.logspace(0, 3, 3001, dtype=torch.float64)
+    alpha = torch.ones(len(a), num_classes, dtype=torch.float64)
+    alpha[:, 0] = a
+    target = torch.zeros(len(a), dtype=torch.long)
+    losses = torch.stack([fisher_evidential_loss(alpha[i:i + 1], target[i:i + 1], fisher_weight)
+                          for i in range(len(a))])
+    best = a[losses.argmin()].item()
+    p = best / (best + num_classes - 1)
+    assert p_min <= p <= p_max

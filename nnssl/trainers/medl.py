@@ -78,7 +78,8 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
     average of the two networks' class probabilities, as the paper's "mean of both sub-networks".
 
     Attributes:
-        fisher_weight: ``lambda_f`` on the Fisher log-determinant (I-EDL's default 1.0; MEDL leaves it open).
+        fisher_weight: ``lambda_f`` on the Fisher log-determinant (MEDL leaves it open; 0.01 here, not I-EDL's
+            default 1.0: see the deviations).
         curriculum_amplitude: ``Xi`` of the curriculum weight (MEDL leaves it open; 0.5, so weights span
             [0.62, 1.38]).
         uncertainty_mix_own: share of a network's own uncertainty in ``u_final`` (paper 0.5; fused 1 - this).
@@ -98,6 +99,14 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
     - The warm-up also applies to the pseudo-label Dice + CE (the paper applies it to the Fisher term only):
       in nnU-Net's regime a full-weight pseudo-label loss from untrained networks can destroy a class (see the
       benchmark notes); set ``warmup_pseudo_label_loss = False`` for the paper's choice.
+    - ``fisher_weight = 0.01`` instead of I-EDL's 1.0. With 1.0 the Fisher loss of a correctly labelled voxel is
+      smallest at zero evidence for K = 2 (alpha = (1, 1), a vacuous opinion) and at p = 0.35 for K = 3, so at
+      full warm-up it pulls the networks' evidence down against their Dice + CE terms on the same outputs. In the
+      HC18 10 % benchmark run with 1.0 the fused uncertainty on unlabeled patches rose from 0.005 to 0.72 as the
+      warm-up rose, the supervised loss worsened while the learning rate fell, and the validation pseudo-Dice
+      ended at 0.925 (labeled-only nnU-Net 0.954). With 0.01 the minimum is a confident correct opinion
+      (p = 0.94 for K = 2, 0.92 for K = 3; ``tests/test_medl_math.py``). Chosen on that arithmetic and the
+      validation curves, not on test data.
     - Reliability is used as a voxel weight (the paper delegates the rule to its reference [38]).
     - Unlabeled terms use the highest-resolution output (``ssl_deep_supervision = False``).
     """
@@ -110,7 +119,7 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.unsup_weight = 1.0
-        self.fisher_weight = 1.0
+        self.fisher_weight = 0.01
         self.curriculum_amplitude = 0.5
         self.uncertainty_mix_own = 0.5
         self.labeled_curriculum_weight = 1.0
