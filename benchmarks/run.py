@@ -292,7 +292,10 @@ class Runner:
                  "train_wall_seconds": None if train is None else round(train["seconds"], 1),
                  "peak_rss_mb": None if train is None else round(train["peak_rss_mb"], 1),
                  "learning_curve": {"ema_pseudo_dice": [float(v) for v in log["ema_fg_dice"]],
-                                    "train_loss": [float(v) for v in log["train_losses"]]},
+                                    "pseudo_dice": [float(v) for v in log["mean_fg_dice"]],
+                                    "train_loss": [float(v) for v in log["train_losses"]],
+                                    # validation pseudo-Dice of a method's other networks (teacher, 2nd student)
+                                    **{k: [float(v) for v in log[k]] for k in log if k.startswith("val_dice_")}},
                  "done": True}
         # share of a training iteration spent in a method's own search step (CAD's region search), from the
         # per-iteration seconds the trainer logs (median over epochs, like seconds_per_iteration)
@@ -376,6 +379,20 @@ def _mean_sd(values: List[Optional[float]]) -> str:
     return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
 
 
+def _other_networks_lines(runs: dict, last: int = 5) -> List[str]:
+    """``trainer: deployed x, teacher y, ...`` for trainers that validated other networks (``val_dice_<name>``)."""
+    out = []
+    for key, r in runs.items():
+        curves = r[min(r, key=int)].get("learning_curve", {})
+        names = [k for k in curves if k.startswith("val_dice_")]
+        if not names or "pseudo_dice" not in curves:
+            continue
+        parts = [f"deployed {np.nanmean(curves['pseudo_dice'][-last:]):.3f}"]
+        parts += [f"{k[len('val_dice_'):]} {np.nanmean(curves[k][-last:]):.3f}" for k in names]
+        out.append(f"{key}: " + ", ".join(parts))
+    return out
+
+
 def write_report(results: dict, path: str) -> None:
     """Markdown table and PNG plot of a results dict."""
     runs = results["runs"]
@@ -400,6 +417,10 @@ def write_report(results: dict, path: str) -> None:
                 _mean_sd([e.get("peak_rss_mb") for e in es])]
         row += [_mean_sd([e.get("region_search_share") for e in es])] if search else []
         lines.append("| " + " | ".join(row) + " |")
+    others = _other_networks_lines(runs)
+    if others:
+        lines += ["", "Validation pseudo-Dice of each trainer's networks (nnU-Net's online validation on the fold's "
+                  "validation cases, mean of the last 5 epochs; the deployed network first): " + "; ".join(others)]
     b = results["budget"]
     lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {results['test_cases']} held-out test cases, "
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "

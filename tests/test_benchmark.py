@@ -35,6 +35,10 @@ def test_quick_benchmark_chain(tmp_path):
     # CAD's region search is timed and reported as a share of its iteration
     assert 0 < r["runs"]["nnSSL_CADTrainer"]["0"]["region_search_share"] < 1
     assert "region search share" in open(results + ".md").read()
+    # the methods' other networks are validated beside the deployed one and reported
+    cad_curves = r["runs"]["nnSSL_CADTrainer"]["0"]["learning_curve"]
+    assert {"val_dice_teacher", "val_dice_student_2"} <= set(cad_curves)
+    assert "nnSSL_CADTrainer: deployed" in open(results + ".md").read()
     # the compute-matched row follows the costliest SSL trainer
     assert r["compute_ratio"]["0"] == pytest.approx(max(r["runs"][t]["0"]["time_ratio_to_nnUNetTrainer"]
                                                          for t in _runner().ssl_trainers()))
@@ -47,3 +51,11 @@ def test_quick_benchmark_chain(tmp_path):
     # a second call finds everything done and only rewrites the report
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0 and "train " not in p.stdout
+
+
+def test_report_lists_the_other_networks_validation_dice():
+    curves = {"pseudo_dice": [0.1, 0.5, 0.6, 0.7, 0.8, 0.9], "val_dice_teacher": [0.0, 0.6, 0.7, 0.8, 0.9, 1.0]}
+    runs = {"nnUNetTrainer (labeled only)": {"0": {"learning_curve": {"pseudo_dice": [0.5]}}},
+            "nnSSL_MeanTeacherTrainer": {"0": {"learning_curve": curves}}}
+    # mean of the last 5 epochs: (0.5 + 0.6 + 0.7 + 0.8 + 0.9) / 5 and (0.6 + ... + 1.0) / 5
+    assert _runner()._other_networks_lines(runs) == ["nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]

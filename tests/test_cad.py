@@ -120,4 +120,6 @@ def test_cli_train_and_predict_with_student_1(workspace, tmp_path):
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"student_2", "teacher"}
     assert "displaced_cps_loss" in ckpt["logging"] and "region_search_s" in ckpt["logging"]
+    for name in ("teacher", "student_2"):  # validated beside student 1 every epoch
+        assert len(ckpt["logging"][f"val_dice_{name}"]) == 2
     predict_test_images(workspace, variant, env, str(tmp_path / "preds"))

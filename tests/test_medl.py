@@ -108,6 +108,8 @@ def test_cli_train_and_predict_average_differs_from_each_network(workspace, tmp_
     pair_probs = np.load(os.path.join(preds, "synthtest_000.npz"))["probabilities"]
 
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    for name in ("net_a", "net_b"):  # each network validated beside the pair every epoch
+        assert len(ckpt["logging"][f"val_dice_{name}"]) == 2
     plans = PlansManager(load_json(os.path.join(model, "plans.json")))
     cm = plans.get_configuration("3d_fullres")
     pair = nnSSL_MEDLTrainer.build_network_architecture(plans, cm, 1, 3, False)

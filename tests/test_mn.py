@@ -206,6 +206,7 @@ def test_training_checkpoint_round_trip_and_resume(workspace):
     log = t.logger.local_logger.my_fantastic_logging
     assert np.isnan(log["pseudo_2d_loss"][0]) or log["pseudo_2d_loss"][0] == 0
     assert t.epochs_trained == {"2d": 3, "3d": 2}  # warm-up + epochs 1, 3 (2D) / warm-up + epoch 2 (3D)
+    assert len(log["val_dice_net_2d"]) == 4 and np.isfinite(log["val_dice_net_2d"]).all()  # slice-wise validation
     final = os.path.join(t.output_folder, "checkpoint_final.pth")
     ckpt = torch.load(final, map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"net_2d"} and set(ckpt["nnssl"]["optimizers"]) == {"net_2d"}

@@ -80,7 +80,9 @@ def test_total_loss_carries_the_unlabeled_gradient(workspace):
     params = [p for p in t.network.parameters()]
     g_total, g_sup, g_unsup = grads(total, params), grads(terms["sup_loss"], params), grads(terms["unsup_loss"], params)
     assert g_unsup.abs().sum() > 0
-    assert torch.allclose(g_total - g_sup, t.unsup_weight * g_unsup, atol=1e-6)
+    # g_total - g_sup cancels float32 gradients of order max|g_total|: rounding, which depends on the number of
+    # threads, reaches ~1e-5 of that scale; the unlabeled part itself is ~5e-4 of it on this data
+    assert torch.allclose(g_total - g_sup, t.unsup_weight * g_unsup, atol=2e-5 * g_total.abs().max().item())
     assert not torch.allclose(g_total, g_sup)
     t.on_train_end()
 
@@ -142,7 +144,7 @@ def test_run_training_logs_ssl_terms_and_resumes(workspace):
     t = make_trainer(epochs=2, iters=2)
     t.run_training()
     log = t.logger.local_logger.my_fantastic_logging
-    for key in ("sup_loss", "unsup_loss", "unsup_weight", "n_labeled", "n_unlabeled"):
+    for key in ("sup_loss", "unsup_loss", "unsup_weight", "n_labeled", "n_unlabeled", "val_dice_teacher"):
         assert len(log[key]) == 2, key
     assert log["unsup_weight"][1] > log["unsup_weight"][0]
     assert os.path.isfile(join(t.output_folder, "progress.png"))
@@ -239,4 +241,56 @@ def test_step_with_nonfinite_gradients_is_skipped_and_counted(workspace):
     out = t.train_step(next(t.dataloader_train))
     assert out["n_nonfinite_grad_skips"] == 0
     assert any(not torch.equal(a, b) for a, b in zip(t.network.parameters(), before))
+    t.on_train_end()
+
+
+class _Background(torch.nn.Module):
+    """Predicts background everywhere (a list of outputs, like a network with deep supervision)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        logits = torch.zeros((x.shape[0], self.num_classes, *x.shape[2:]))
+        logits[:, 0] = 1.0
+        return [logits]
+
+
+class _WithOtherNetworks(nnSSL_MeanTeacherTrainer):
+    def validation_networks(self):
+        return {"same": self.network, "background": _Background(self.label_manager.num_segmentation_heads)}
+
+
+def test_other_networks_are_validated_on_the_same_patches(workspace):
+    t = started(make_trainer(_WithOtherNetworks))
+    batch = next(t.dataloader_val)
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    t.on_validation_epoch_start()
+    with torch.no_grad():
+        out = t.validation_step(batch)
+    for key in ("tp_hard", "fp_hard", "fn_hard"):  # the deployed network itself gives nnU-Net's own counts
+        assert np.array_equal(out[f"same_{key}"], out[key]), key
+    # background everywhere: no true or false positives, every foreground voxel of each class is missed
+    classes = range(1, t.label_manager.num_segmentation_heads)
+    assert np.array_equal(out["background_fn_hard"], [float((target == c).sum()) for c in classes])
+    assert not out["background_tp_hard"].any() and not out["background_fp_hard"].any()
+    assert out["background_fn_hard"].sum() > 0  # the test patch has foreground (nnU-Net oversamples it)
+
+    t.on_validation_epoch_end([out])
+    log = t.logger.local_logger.my_fantastic_logging
+    assert log["val_dice_same"] == log["mean_fg_dice"]
+    present = out["background_fn_hard"] > 0
+    assert log["val_dice_background"][0] == 0.0 if present.any() else np.isnan(log["val_dice_background"][0])
+    t.on_train_end()
+
+
+def test_other_networks_validation_can_be_switched_off(workspace):
+    t = started(make_trainer(_WithOtherNetworks))
+    t.validate_other_networks = False
+    with torch.no_grad():
+        out = t.validation_step(next(t.dataloader_val))
+    assert set(out) == {"loss", "tp_hard", "fp_hard", "fn_hard"}
+    t.on_validation_epoch_end([out])
+    assert not any(k.startswith("val_dice_") for k in t.logger.local_logger.my_fantastic_logging)
     t.on_train_end()

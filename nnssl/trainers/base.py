@@ -26,8 +26,9 @@ validation) that also owns, once, everything semi-supervised methods share:
 A method overrides named seams: ``build_ssl_modules`` (extra networks), ``unsupervised_loss`` (its unlabeled
 term), ``after_optimizer_step`` (EMA and the like), ``on_ssl_train_start`` (state that depends on the final
 student weights), ``batch_composition``, ``optimizers_to_step`` (e.g. alternating co-training),
-``ssl_extra_state``/``load_ssl_extra_state`` (a method's own counters in the checkpoint), and ``compute_loss``
-when it needs more than one student forward pass.
+``ssl_extra_state``/``load_ssl_extra_state`` (a method's own counters in the checkpoint), ``validation_networks``
+(extra networks whose validation pseudo-Dice is logged beside the deployed one's), and ``compute_loss`` when it
+needs more than one student forward pass.
 Hyperparameters are attributes set in ``__init__``; list them in ``HYPERPARAMETERS`` to have them logged.
 """
 
@@ -67,6 +68,19 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+class _AsDeepSupervisionOutputs(nn.Module):
+    """Presents a network to nnU-Net's ``validation_step`` as one with deep supervision: a single output tensor
+    (e.g. M&N's 2D network) becomes a one-element list, of which nnU-Net uses the first element anyway."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor):
+        out = self.module(x)
+        return out if isinstance(out, (list, tuple)) else [out]
+
+
 def _parameters(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -94,11 +108,14 @@ class nnSSLTrainer(nnUNetTrainer):
             ``"linear"`` (share rising linearly in epochs from :attr:`lrg_start_epoch` to the end, the authors'
             released code).
         lrg_start_epoch: epochs before this one draw labeled samples only.
+        validate_other_networks: also validate the method's other networks (``validation_networks``: teachers,
+            second students) on nnU-Net's validation patches each epoch and log their pseudo-Dice as
+            ``val_dice_<name>`` (True; one extra forward pass per network and validation batch).
     """
 
     HYPERPARAMETERS: Tuple[str, ...] = ("unlabeled_batch_size", "unsup_weight", "unsup_rampup_epochs",
                                         "unsup_rampup_fraction", "unsup_rampup_shape", "ssl_deep_supervision",
-                                        "lrg_sampling", "lrg_rule", "lrg_start_epoch")
+                                        "lrg_sampling", "lrg_rule", "lrg_start_epoch", "validate_other_networks")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -114,6 +131,7 @@ class nnSSLTrainer(nnUNetTrainer):
         self.lrg_rule = "lr"
         self.lrg_start_epoch = 0
         self.lrg_unlabeled_share_now = 0.0  # this epoch's LRG share (set in on_train_epoch_start)
+        self.validate_other_networks = True
 
         self.global_step = 0  # optimizer steps taken; checkpointed
         self.ssl_modules: Dict[str, nn.Module] = {}
@@ -173,6 +191,21 @@ class nnSSLTrainer(nnUNetTrainer):
 
     def load_ssl_extra_state(self, state: dict) -> None:
         """Restore what :meth:`ssl_extra_state` returned."""
+
+    def validation_networks(self) -> Dict[str, nn.Module]:
+        """Extra networks validated beside ``self.network`` on the same validation batches every epoch.
+
+        Name -> module taking ``self.network``'s input and returning logits at the patch's resolution (one tensor,
+        or a list with the highest resolution first), e.g. an EMA teacher, a second student or a 2D network run
+        slice by slice. Each one's pseudo-Dice (nnU-Net's online validation: hard Dice over the
+        epoch's validation patches, mean over foreground classes) is logged per epoch as ``val_dice_<name>`` and
+        drawn beside nnU-Net's pseudo-Dice in progress.png, so which network to deploy can be decided on
+        validation data. Only used while :attr:`validate_other_networks` is True. Default: none.
+        """
+        return {}
+
+    def _validated_networks(self) -> Dict[str, nn.Module]:
+        return self.validation_networks() if self.validate_other_networks else {}
 
     def compute_loss(self, data_l: torch.Tensor, target_l, data_u: torch.Tensor
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -389,6 +422,55 @@ class nnSSLTrainer(nnUNetTrainer):
         parts = [f"{k} {np.round(float(np.mean([o[k] for o in train_outputs])), 4)}"
                  for k in train_outputs[0] if k != "loss"]
         self.print_to_log_file("ssl: " + ", ".join(parts))
+
+    # ------------------------------------------------------------------ validation of extra networks
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        for module in self._validated_networks().values():
+            module.eval()
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step for ``self.network``, then for each of :meth:`validation_networks` (nnU-Net's
+        own step with the module swapped in, on a copy of the targets, which nnU-Net edits in place)."""
+        extra = self._validated_networks()
+        if not extra:
+            return super().validation_step(batch)
+        target = batch["target"]
+        results = {}
+        network = self.network
+        try:
+            for name, module in extra.items():
+                self.network = _AsDeepSupervisionOutputs(module) if self.enable_deep_supervision else module
+                copied = [t.clone() for t in target] if isinstance(target, list) else target.clone()
+                results[name] = super().validation_step({**batch, "target": copied})
+        finally:
+            self.network = network
+        out = super().validation_step(batch)
+        for name, r in results.items():
+            for key in ("tp_hard", "fp_hard", "fn_hard"):
+                out[f"{name}_{key}"] = r[key]
+        return out
+
+    def on_validation_epoch_end(self, val_outputs: List[dict]):
+        super().on_validation_epoch_end(val_outputs)
+        parts = []
+        for name in self._validated_networks():
+            counts = []
+            for key in ("tp_hard", "fp_hard", "fn_hard"):
+                total = np.sum([o[f"{name}_{key}"] for o in val_outputs], 0)
+                if self.is_ddp:
+                    gathered = [None] * dist.get_world_size()
+                    dist.all_gather_object(gathered, total)
+                    total = np.sum(gathered, 0)
+                counts.append(total)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                dice = float(np.nanmean([2 * tp / (2 * tp + fp + fn) for tp, fp, fn in zip(*counts)]))
+            key = f"val_dice_{name}"
+            self.logger.local_logger.register(key, self.current_epoch)
+            self.logger.log(key, dice, self.current_epoch)
+            parts.append(f"{name} {np.round(dice, 4)}")
+        if parts:
+            self.print_to_log_file("pseudo dice of the other networks: " + ", ".join(parts))
 
     # ------------------------------------------------------------------ unlabeled data
     def get_unlabeled_pool(self) -> UnlabeledPool:

@@ -50,7 +50,9 @@ class nnSSL_CADTrainer(nnSSLTrainer):
     with ``w(t)`` the base's ramp; ABD: ``(Dice + CE)/2 + cps + cps_displaced`` per student.
 
     Inference (stock ``nnUNetv2_predict``): student 1 (``network_weights``), as ABD's ``Inference_model1``; the
-    teacher is checkpointed under ``nnssl/modules/teacher`` and student 2 under ``nnssl/modules/student_2``.
+    teacher is checkpointed under ``nnssl/modules/teacher`` and student 2 under ``nnssl/modules/student_2``. The
+    teacher's and student 2's validation pseudo-Dice are logged beside student 1's every epoch
+    (``val_dice_teacher``, ``val_dice_student_2``), so the choice can be checked on validation data.
 
     Attributes:
         pseudo_label_weight: weight of pseudo-labeled voxels in the mix loss (BCP/ABD ``u_weight`` 0.5), times the
@@ -144,6 +146,9 @@ class nnSSL_CADTrainer(nnSSLTrainer):
     def on_ssl_train_start(self, resumed: bool) -> None:
         if not resumed:  # -pretrained_weights are loaded into student 1 after initialize()
             ema_update_(self.teacher, self.unwrapped_network, 0.0)
+
+    def validation_networks(self):
+        return {"teacher": self.teacher, "student_2": self.student_2}
 
     def after_optimizer_step(self) -> None:
         ema_update_(self.teacher, self.unwrapped_network, ema_decay_with_warmup(self.global_step, self.ema_decay))

@@ -44,7 +44,8 @@ class nnSSL_MeanTeacherTrainer(nnSSLTrainer):
     - SSL4MIS' 2D script sets the consistency weight to 0 for the first 1000 iterations; we do not: the sigmoid
       ramp is already ~0.007-0.01 over that span of a long run.
     - Inference uses the student (as the paper and SSL4MIS); ``network_weights`` in the checkpoint is the
-      student, the teacher is stored under ``nnssl/modules/teacher``.
+      student, the teacher is stored under ``nnssl/modules/teacher``; the teacher's validation pseudo-Dice is
+      logged beside the student's (``val_dice_teacher``).
     """
 
     HYPERPARAMETERS = nnSSLTrainer.HYPERPARAMETERS + ("ema_decay", "teacher_noise_std", "teacher_noise_clip")
@@ -71,6 +72,9 @@ class nnSSL_MeanTeacherTrainer(nnSSLTrainer):
                                 -self.teacher_noise_clip, self.teacher_noise_clip)
             teacher_out_u = self.teacher(data_u + noise)
         return self.ds_loss(softmax_mse, student_out_u, teacher_out_u), {}
+
+    def validation_networks(self):
+        return {"teacher": self.teacher}
 
     def after_optimizer_step(self) -> None:
         ema_update_(self.teacher, self.unwrapped_network, ema_decay_with_warmup(self.global_step, self.ema_decay))

@@ -75,7 +75,9 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
     T = num_epochs x num_iterations_per_epoch here.
 
     Inference (stock ``nnUNetv2_predict``): ``network_weights`` is the :class:`EvidentialPair`; its output is the
-    average of the two networks' class probabilities, as the paper's "mean of both sub-networks".
+    average of the two networks' class probabilities, as the paper's "mean of both sub-networks". Each network's
+    own validation pseudo-Dice (argmax of its evidence) is logged beside the pair's (``val_dice_net_a``,
+    ``val_dice_net_b``).
 
     Attributes:
         fisher_weight: ``lambda_f`` on the Fisher log-determinant (MEDL leaves it open; 0.01 here, not I-EDL's
@@ -151,6 +153,10 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
                                                                           self.num_epochs))
         optimizer_a = sgd(pair.net_a)
         return optimizer_a, PolyLRScheduler(optimizer_a, self.initial_lr, self.num_epochs)
+
+    def validation_networks(self):
+        pair = unwrap(self.network)
+        return {"net_a": pair.net_a, "net_b": pair.net_b}
 
     @contextmanager
     def _both_outputs(self):

@@ -52,7 +52,9 @@ class nnSSL_MNTrainer(nnSSLTrainer):
     The 2D network slices along the first spatial axis of the preprocessed patch, the axis nnU-Net's own ``2d``
     configuration slices along (the plans' ``transpose_forward`` puts the out-of-plane axis first). Inference:
     the 3D network alone, through the stock ``nnUNetv2_predict`` (``network_weights`` is nnU-Net's network); the
-    2D network, its optimizer and the stage counters are in the checkpoint under ``nnssl``.
+    2D network, its optimizer and the stage counters are in the checkpoint under ``nnssl``. The 2D network's
+    validation pseudo-Dice (slice by slice on nnU-Net's validation patches) is logged beside the 3D network's
+    (``val_dice_net_2d``).
 
     Attributes:
         mn_warmup_fraction: share of ``num_epochs`` in the labeled-only warm-up (0.125 = the code's 500 of 4000).
@@ -156,6 +158,9 @@ class nnSSL_MNTrainer(nnSSLTrainer):
         if stage == "warmup":
             return [self.optimizer, self.ssl_optimizers["net_2d"]]
         return [self.ssl_optimizers["net_2d"]] if stage == "train_2d" else [self.optimizer]
+
+    def validation_networks(self):
+        return {"net_2d": self.net_2d}
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()

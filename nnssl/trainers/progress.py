@@ -10,6 +10,7 @@ NNUNET_KEYS = ("mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region", "train
                "epoch_start_timestamps", "epoch_end_timestamps")
 # SSL keys are plotted by kind: counts (``n_*``), schedules (names with these markers) and losses (the rest)
 SCHEDULE_MARKERS = ("weight", "decay", "ratio", "threshold", "share")
+VAL_DICE_PREFIX = "val_dice_"  # validation pseudo-Dice of a trainer's other networks (``validation_networks``)
 
 
 class SSLLocalLogger(LocalLogger):
@@ -24,8 +25,10 @@ class SSLLocalLogger(LocalLogger):
             self.my_fantastic_logging[key] = [math.nan] * epoch
 
     def ssl_keys(self) -> list:
-        # timings (e.g. the budget variants' train_phase_seconds) are not semi-supervised terms
-        return [k for k in self.my_fantastic_logging if k not in NNUNET_KEYS and not k.endswith("_seconds")]
+        # timings (e.g. the budget variants' train_phase_seconds) are not semi-supervised terms, and the extra
+        # networks' validation pseudo-Dice (val_dice_<name>) is drawn beside nnU-Net's
+        return [k for k in self.my_fantastic_logging if k not in NNUNET_KEYS and not k.endswith("_seconds")
+                and not k.startswith(VAL_DICE_PREFIX)]
 
     def plot_progress_png(self, output_folder: str) -> None:
         import matplotlib
@@ -48,6 +51,9 @@ class SSLLocalLogger(LocalLogger):
         ax.plot(x, log["val_losses"][:epoch + 1], color="r", ls="-", label="loss_val", linewidth=4)
         ax2.plot(x, log["mean_fg_dice"][:epoch + 1], color="g", ls="dotted", label="pseudo dice", linewidth=3)
         ax2.plot(x, log["ema_fg_dice"][:epoch + 1], color="g", ls="-", label="pseudo dice (mov. avg.)", linewidth=4)
+        for k in (k for k in log if k.startswith(VAL_DICE_PREFIX)):
+            ax2.plot(x, log[k][:epoch + 1], ls="dashdot", label=f"pseudo dice {k[len(VAL_DICE_PREFIX):]}",
+                     linewidth=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax2.set_ylabel("pseudo dice")
