@@ -7,7 +7,9 @@ import torch
 from scipy.special import polygamma
 
 from nnssl.losses.evidential import (caef_fusion, curriculum_weight, dirichlet_alpha, expected_log_probs,
-                                     fisher_evidential_loss, opinion, reliability, weighted_dice_ce)
+                                     fisher_evidential_loss, opinion, reliability, tetragamma, trigamma,
+                                     weighted_dice_ce)
+from nnssl.ops.tensors import class_argmax
 
 SPATIAL = [(2, 3), (2, 2, 3)]
 
@@ -75,6 +77,38 @@ def test_curriculum_weight_schedule():
     assert end == pytest.approx([1 - a * math.tanh(1), 1 + a * math.tanh(1), 1.0])  # uncertain last
     with pytest.raises(ValueError):
         curriculum_weight(u, 0.0, 2.0)
+
+
+def test_curriculum_ranks_ties_in_storage_order_and_are_a_permutation():
+    u = torch.tensor([0.5, 0.2, 0.5, 0.9, 0.2]).view(1, 1, 5, 1)
+    # ranks 2, 0, 3, 4, 1 (ties in storage order) -> psi = 2 r / 4 - 1; at progress 0, w = 1 - a tanh(psi)
+    psi = torch.tensor([0.0, -1.0, 0.5, 1.0, -0.5])
+    expected = 1.0 - 0.5 * torch.tanh(psi)
+    assert torch.allclose(curriculum_weight(u, 0.0, 0.5).flatten(), expected)
+    v = torch.rand(3, 1, 4, 5, 6)
+    w = curriculum_weight(v, 0.0, 0.5).reshape(3, -1)
+    ranks = torch.argsort(torch.argsort(v.reshape(3, -1), dim=1), dim=1).float()  # the two-sort definition
+    assert torch.allclose(w, 1.0 - 0.5 * torch.tanh(2.0 * ranks / (120 - 1) - 1.0))
+
+
+def test_tetragamma_and_trigamma_gradient():
+    x = torch.logspace(-3, 4, 2001, dtype=torch.float64)
+    exact = torch.from_numpy(polygamma(2, x.numpy()))
+    assert torch.allclose(tetragamma(x), exact, rtol=1e-8, atol=0)
+    assert torch.allclose(tetragamma(x.float()).double(), exact, rtol=1e-6, atol=0)
+    assert tetragamma(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(-2.4041138063191885)  # -2 zeta(3)
+    y = (torch.rand(7, dtype=torch.float64) * 20 + 0.05).requires_grad_()
+    assert torch.allclose(trigamma(y), torch.polygamma(1, y))
+    assert torch.autograd.gradcheck(trigamma, (y,))
+
+
+def test_class_argmax_is_argmax_with_ties_first():
+    x = torch.tensor([[1.0, 2.0, 2.0], [3.0, 3.0, 1.0], [0.0, 0.0, 0.0]]).view(3, 3, 1, 1)
+    assert class_argmax(x).flatten().tolist() == [1, 0, 0]
+    assert class_argmax(x, keepdim=True).shape == (3, 1, 1, 1)
+    for shape in [(2, 3, 4, 5), (2, 4, 3, 4, 5)]:
+        z = torch.randint(0, 3, shape).float()  # many ties
+        assert torch.equal(class_argmax(z), z.argmax(1))
 
 
 def test_fisher_loss_hand_value():

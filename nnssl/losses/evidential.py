@@ -25,6 +25,44 @@ from nnssl.losses.segmentation import weighted_dice_ce  # noqa: F401 (re-exporte
 _EPS = 1e-8
 
 
+def tetragamma(x: torch.Tensor) -> torch.Tensor:
+    """``psi_2(x)``, the second derivative of digamma, for ``x > 0`` (elementwise, dtype of ``x``).
+
+    torch's ``polygamma(2, x)`` costs about 27x its ``polygamma(1, x)`` on the CPU (100 ms vs 3.7 ms for 573k
+    float32 values), and it is what the backward pass of trigamma calls. Here: the recurrence
+    ``psi_2(x) = psi_2(x + 1) - 2 / x^3`` until ``x >= 6`` (at most six masked steps), then the asymptotic series
+    ``-1/x^2 - 1/x^3 - 1/(2x^4) + 1/(6x^6) - 1/(6x^8) + 3/(10x^10) - 5/(6x^12)``, whose first omitted term is
+    below 5e-11 at ``x = 6``. Accurate to float32 rounding (tested against ``polygamma(2, .)`` in float64).
+    """
+    x = x.clone()
+    acc = torch.zeros_like(x)
+    for _ in range(6):
+        small = x < 6.0
+        acc = acc - torch.where(small, 2.0 / x ** 3, torch.zeros_like(x))
+        x = torch.where(small, x + 1.0, x)
+    r = 1.0 / x
+    r2 = r * r
+    series = -r2 * (1.0 + r * (1.0 + r * (0.5 - r2 * (1.0 / 6.0 - r2 * (1.0 / 6.0 - r2 * (0.3 - r2 * (5.0 / 6.0)))))))
+    return acc + series
+
+
+class _Trigamma(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.polygamma(1, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * tetragamma(x)
+
+
+def trigamma(x: torch.Tensor) -> torch.Tensor:
+    """``psi_1(x) = polygamma(1, x)`` for ``x > 0``, whose gradient uses :func:`tetragamma` (fast on the CPU)."""
+    return _Trigamma.apply(x)
+
+
 def dirichlet_alpha(logits: torch.Tensor) -> torch.Tensor:
     """``alpha = softplus(logits) + 1`` in float32, shape of ``logits``."""
     return F.softplus(logits.float()) + 1.0
@@ -99,7 +137,9 @@ def curriculum_weight(uncertainty: torch.Tensor, progress: float, amplitude: flo
         raise ValueError(f"amplitude must lie in [0, 1.3) to keep weights positive, got {amplitude}")
     flat = uncertainty.detach().reshape(uncertainty.shape[0], -1)
     n = flat.shape[1]
-    ranks = torch.argsort(torch.argsort(flat, dim=1), dim=1).float()  # 0 = least uncertain
+    order = torch.argsort(flat, dim=1, stable=True)  # one sort: the rank of voxel order[i] is i
+    ranks = torch.empty_like(flat).scatter_(1, order, torch.arange(n, dtype=flat.dtype, device=flat.device)
+                                            .expand_as(flat).contiguous())  # 0 = least uncertain
     psi = 2.0 * ranks / max(n - 1, 1) - 1.0
     zeta = 2.0 * float(min(max(progress, 0.0), 1.0)) - 1.0
     return (amplitude * torch.tanh(psi * zeta) + 1.0).reshape(uncertainty.shape)
@@ -129,8 +169,8 @@ def fisher_evidential_loss(alpha: torch.Tensor, target: torch.Tensor, fisher_wei
     y = F.one_hot(target.long(), alpha.shape[1]).movedim(-1, 1).float()
     strength = alpha.sum(1, keepdim=True)
     p = alpha / strength
-    tri_alpha = torch.polygamma(1, alpha)
-    tri_strength = torch.polygamma(1, strength)
+    tri_alpha = trigamma(alpha)
+    tri_strength = trigamma(strength)
     mse = (((y - p) ** 2 + p * (1.0 - p) / (strength + 1.0)) * tri_alpha).sum(1, keepdim=True)
     log_det = torch.log(tri_alpha).sum(1, keepdim=True) + torch.log(
         (1.0 - tri_strength * (1.0 / tri_alpha).sum(1, keepdim=True)).clamp_min(_EPS))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnssl.ops.tensors import class_argmax
+
 _EPS = 1e-8
 
 
@@ -108,7 +110,7 @@ def cps_dice_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Ten
     """
     if logits.shape != other_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and other logits {tuple(other_logits.shape)} differ")
-    pseudo = other_logits.detach().argmax(1)
+    pseudo = class_argmax(other_logits.detach())
     return soft_dice_loss(torch.log_softmax(logits.float(), 1), pseudo)
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from nnssl.ops.tensors import class_argmax
+
 
 def box_mask(spatial_shape: Sequence[int], box_fraction: float = 2.0 / 3.0,
              generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
@@ -125,7 +127,7 @@ def pseudo_labels(logits: torch.Tensor, largest_component: bool = True, connecti
     Returns:
         ``(B, 1, *spatial)`` int64 class indices on ``logits``' device.
     """
-    seg = logits.detach().argmax(1, keepdim=True)
+    seg = class_argmax(logits.detach(), keepdim=True)
     if not largest_component:
         return seg
     arr = seg.cpu().numpy()

@@ -13,6 +13,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnssl.losses.evidential import (caef_fusion, curriculum_weight, dirichlet_alpha, expected_log_probs,
                                      fisher_evidential_loss, opinion, reliability, weighted_dice_ce)
+from nnssl.ops.tensors import class_argmax
 from nnssl.plans.architectures import build_residual_encoder_unet
 from nnssl.trainers.base import nnSSLTrainer, unwrap
 
@@ -193,11 +194,11 @@ class nnSSL_MEDLTrainer(nnSSLTrainer):
             b_f, u_f = caef_fusion(b_a.detach(), u_a.detach(), b_b.detach(), u_b.detach())
             extra = {}
             if n_u:
-                pseudo = b_f[n_l:].argmax(1)
+                pseudo = class_argmax(b_f[n_l:])
                 rel = reliability(b_f[n_l:], u_f[n_l:])
                 rel_weight = rel if self.reliability_mode == "weight" else (rel >= self.reliability_threshold).float()
                 extra = {"reliability": rel.mean(), "fused_uncertainty": u_f[n_l:].mean(),
-                         "pseudo_label_agreement": (b_a[n_l:].argmax(1) == b_b[n_l:].argmax(1)).float().mean()}
+                         "pseudo_label_agreement": (class_argmax(b_a[n_l:]) == class_argmax(b_b[n_l:])).float().mean()}
             for alpha, (_, u_own) in zip(alphas, opinions):
                 u_final = self.uncertainty_mix_own * u_own.detach() + (1.0 - self.uncertainty_mix_own) * u_f
                 w = curriculum_weight(u_final, progress, self.curriculum_amplitude)
