@@ -85,8 +85,11 @@ class nnSSL_MNTrainer(nnSSLTrainer):
       stability", was available); ``"lr"`` implements that description literally with the deployed network's
       learning rate. The released code's rule is ``lrg_rule = "linear"``.
     - 2D model: SegFormer-B2's encoder with ImageNet weights through segmentation-models-pytorch and its SegFormer
-      decoder, fully fine-tuned; the paper fine-tunes HF's ADE20K SegFormer-B2 with LoRA (r = 64) adapters. LoRA
-      is not implemented yet. Grey inputs are repeated to 3 channels (as the code).
+      decoder, fully fine-tuned; the paper fine-tunes HF's ADE20K SegFormer-B2 with LoRA adapters (the released
+      code: peft, r = 64, alpha = 64, dropout 0.1 on the attention query/key/value and dense layers, layer norms
+      and all biases trained). LoRA is not implemented yet: over a frozen randomly initialised encoder (all a
+      machine without weights can have) it would only cripple the 2D network. Grey inputs are repeated to 3
+      channels (as the code).
     - The code predicts pseudo-masks of all unlabeled volumes at stage transitions only to bias its patch
       sampling; nnU-Net samples unlabeled patches uniformly, so these are not computed.
     - Both networks' learning rates follow the shared epoch count (the code keeps an epoch counter per network).
