@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from nnssl.trainers.progress import VAL_DICE_PREFIX  # noqa: E402
 from nnssl.utils import atomic_write_json, load_json_or_none  # noqa: E402
 
 SHARED_DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -295,7 +296,7 @@ class Runner:
                                     "pseudo_dice": [float(v) for v in log["mean_fg_dice"]],
                                     "train_loss": [float(v) for v in log["train_losses"]],
                                     # validation pseudo-Dice of a method's other networks (teacher, 2nd student)
-                                    **{k: [float(v) for v in log[k]] for k in log if k.startswith("val_dice_")}},
+                                    **{k: [float(v) for v in log[k]] for k in log if k.startswith(VAL_DICE_PREFIX)}},
                  "done": True}
         # share of a training iteration spent in a method's own search step (CAD's region search), from the
         # per-iteration seconds the trainer logs (median over epochs, like seconds_per_iteration)
@@ -384,11 +385,11 @@ def _other_networks_lines(runs: dict, last: int = 5) -> List[str]:
     out = []
     for key, r in runs.items():
         curves = r[min(r, key=int)].get("learning_curve", {})
-        names = [k for k in curves if k.startswith("val_dice_")]
+        names = [k for k in curves if k.startswith(VAL_DICE_PREFIX)]
         if not names or "pseudo_dice" not in curves:
             continue
         parts = [f"deployed {np.nanmean(curves['pseudo_dice'][-last:]):.3f}"]
-        parts += [f"{k[len('val_dice_'):]} {np.nanmean(curves[k][-last:]):.3f}" for k in names]
+        parts += [f"{k[len(VAL_DICE_PREFIX):]} {np.nanmean(curves[k][-last:]):.3f}" for k in names]
         out.append(f"{key}: " + ", ".join(parts))
     return out
 

@@ -59,3 +59,18 @@ def test_report_lists_the_other_networks_validation_dice():
             "nnSSL_MeanTeacherTrainer": {"0": {"learning_curve": curves}}}
     # mean of the last 5 epochs: (0.5 + 0.6 + 0.7 + 0.8 + 0.9) / 5 and (0.6 + ... + 1.0) / 5
     assert _runner()._other_networks_lines(runs) == ["nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
+
+
+def test_step_time_script_times_trainers_on_a_workspace(workspace, tmp_path):
+    from conftest import DATASET
+
+    work = tmp_path / "work"  # the layout benchmarks/run.py makes
+    work.mkdir()
+    os.symlink(os.path.join(workspace, "raw"), work / "nnUNet_raw")
+    os.symlink(os.path.join(workspace, "pre"), work / "nnUNet_preprocessed")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "step_time.py"), "--work", str(work), "--dataset",
+           DATASET, "-c", "3d_fullres", "--trainers", "nnUNetTrainer", "nnSSL_MEDLTrainer", "--steps", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for name in ("nnUNetTrainer", "nnSSL_MEDLTrainer"):
+        assert f"{name}: " in p.stdout and " s/step over 1 steps" in p.stdout
