@@ -23,7 +23,8 @@ with its own nnUNet_raw/preprocessed/results), each step a real console script:
 5. ``nnUNetv2_predict`` of the test list from each final checkpoint and ``nnssl_evaluate`` against its labels;
 6. ``benchmarks/results/<dataset>_<fraction>.json``, ``.md`` (table) and ``.png`` (metrics and learning curves).
 
-Every finished step is skipped when the runner is started again; an interrupted training resumes with ``--c``.
+Every finished step is skipped when the runner is started again; an interrupted training resumes with ``--c``
+(its entry records ``resumed_at_epoch`` and no whole-run wall time).
 """
 
 from __future__ import annotations
@@ -259,10 +260,14 @@ class Runner:
         out = self.output_folder(variant, fold)
         cmd = ["nnUNetv2_train", ds["id"], ds["configuration"], fold, "-tr", variant, "-p", self.plans, "-device",
                a.device]
-        train = None
+        train, resumed_at_epoch = None, None
         if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
-            resume = os.path.isfile(os.path.join(out, "checkpoint_latest.pth"))
-            train = self.sh(cmd + (["--c"] if resume else []), f"train {key} seed {seed}")
+            latest = os.path.join(out, "checkpoint_latest.pth")
+            if os.path.isfile(latest):  # an interrupted training (e.g. an earlier session's) goes on with --c
+                import torch
+
+                resumed_at_epoch = int(torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"])
+            train = self.sh(cmd + (["--c"] if resumed_at_epoch is not None else []), f"train {key} seed {seed}")
         import torch
 
         ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
@@ -271,6 +276,8 @@ class Runner:
         epochs_seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])))
         preds = os.path.join(self.work, "predictions", f"{key}_seed{seed}")
         summary_file = preds + "_eval_summary.json"
+        if train is not None and os.path.isfile(summary_file):  # a (re)trained checkpoint: no stale evaluation
+            os.remove(summary_file)
         if not os.path.isfile(summary_file):
             shutil.rmtree(preds, ignore_errors=True)
             self.sh(["nnUNetv2_predict", "-i", self.test_images, "-o", preds, "-d", ds["id"], "-c",
@@ -290,7 +297,11 @@ class Runner:
                  "mean": over, "seconds_per_iteration": float(np.median(phase)) / iters if phase else None,
                  "train_command": " ".join(map(str, cmd)),
                  "train_epochs_seconds": round(epochs_seconds, 1),
-                 "train_wall_seconds": None if train is None else round(train["seconds"], 1),
+                 # wall time of one uninterrupted training process; a resumed run has none (its epochs' own
+                 # durations are in train_epochs_seconds, restored with the checkpoint's log)
+                 "train_wall_seconds": (None if train is None or resumed_at_epoch is not None
+                                        else round(train["seconds"], 1)),
+                 "resumed_at_epoch": resumed_at_epoch,
                  "peak_rss_mb": None if train is None else round(train["peak_rss_mb"], 1),
                  "learning_curve": {"ema_pseudo_dice": [float(v) for v in log["ema_fg_dice"]],
                                     "pseudo_dice": [float(v) for v in log["mean_fg_dice"]],
@@ -422,6 +433,11 @@ def write_report(results: dict, path: str) -> None:
     if others:
         lines += ["", "Validation pseudo-Dice of each trainer's networks (nnU-Net's online validation on the fold's "
                   "validation cases, mean of the last 5 epochs; the deployed network first): " + "; ".join(others)]
+    resumed = [f"{key} seed {seed} at epoch {e['resumed_at_epoch']}" for key, r in runs.items()
+               for seed, e in r.items() if e.get("resumed_at_epoch") is not None]
+    if resumed:
+        lines += ["", "Trained in more than one process (an interrupted training resumed with --c; training time is "
+                  "the sum of its epochs, peak RSS the resumed process's): " + "; ".join(resumed)]
     b = results["budget"]
     lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {results['test_cases']} held-out test cases, "
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "

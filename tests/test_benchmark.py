@@ -51,6 +51,32 @@ def test_quick_benchmark_chain(tmp_path):
     # a second call finds everything done and only rewrites the report
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0 and "train " not in p.stdout
+    assert r["runs"]["nnSSL_MeanTeacherTrainer"]["0"]["resumed_at_epoch"] is None
+    # an interrupted training (checkpoint_latest, no checkpoint_final, e.g. cut off by the end of a session)
+    # resumes with --c, and its entry says so instead of giving the resumed part's wall time as the run's
+    variant = r["runs"]["nnSSL_MeanTeacherTrainer"]["0"]["trainer"]
+    out = os.path.join(str(tmp_path / "work"), "nnUNet_results", r["dataset"],
+                       f"{variant}__{r['plans']}__{r['configuration']}", "fold_0")
+    # nnU-Net deletes checkpoint_latest at the end of a training: rebuild the state after epoch 0 of 2 from the
+    # final checkpoint (epoch counter 1, each logged list cut to its first epoch)
+    import torch
+
+    ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    ckpt["current_epoch"] = 1
+    ckpt["logging"] = {k: v[:1] if isinstance(v, list) else v for k, v in ckpt["logging"].items()}
+    torch.save(ckpt, os.path.join(out, "checkpoint_latest.pth"))
+    os.remove(os.path.join(out, "checkpoint_final.pth"))
+    del r["runs"]["nnSSL_MeanTeacherTrainer"]
+    with open(results + ".json", "w") as f:
+        json.dump(r, f)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "train nnSSL_MeanTeacherTrainer" in p.stdout and "--c" in p.stdout
+    e = json.load(open(results + ".json"))["runs"]["nnSSL_MeanTeacherTrainer"]["0"]
+    assert e["done"] and e["resumed_at_epoch"] == 1 and e["train_wall_seconds"] is None
+    assert len(e["learning_curve"]["pseudo_dice"]) == 2  # epoch 0 from the checkpoint's log, epoch 1 trained now
+    assert "predict nnSSL_MeanTeacherTrainer" in p.stdout  # the retrained checkpoint is evaluated again
+    assert "nnSSL_MeanTeacherTrainer seed 0 at epoch 1" in open(results + ".md").read()
 
 
 def test_report_lists_the_other_networks_validation_dice():

@@ -55,7 +55,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnssl.data.unlabeled import UnlabeledDataLoader, UnlabeledPool
 from nnssl.schedules import LRG_RULES, lrg_batch_split, lrg_unlabeled_share, rampup
-from nnssl.trainers.progress import SSLLocalLogger
+from nnssl.trainers.progress import VAL_DICE_PREFIX, SSLLocalLogger
 from nnssl.utils import UNLABELED_MANIFEST, preprocessing_fingerprint, unlabeled_preprocessed_folder
 
 
@@ -465,7 +465,7 @@ class nnSSLTrainer(nnUNetTrainer):
                 counts.append(total)
             with np.errstate(divide="ignore", invalid="ignore"):
                 dice = float(np.nanmean([2 * tp / (2 * tp + fp + fn) for tp, fp, fn in zip(*counts)]))
-            key = f"val_dice_{name}"
+            key = VAL_DICE_PREFIX + name
             self.logger.local_logger.register(key, self.current_epoch)
             self.logger.log(key, dice, self.current_epoch)
             parts.append(f"{name} {np.round(dice, 4)}")
