@@ -260,16 +260,14 @@ class Runner:
         out = self.output_folder(variant, fold)
         cmd = ["nnUNetv2_train", ds["id"], ds["configuration"], fold, "-tr", variant, "-p", self.plans, "-device",
                a.device]
+        import torch
+
         train, resumed_at_epoch = None, None
         if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
             latest = os.path.join(out, "checkpoint_latest.pth")
             if os.path.isfile(latest):  # an interrupted training (e.g. an earlier session's) goes on with --c
-                import torch
-
                 resumed_at_epoch = int(torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"])
             train = self.sh(cmd + (["--c"] if resumed_at_epoch is not None else []), f"train {key} seed {seed}")
-        import torch
-
         ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
         log = ckpt["logging"]
         phase = log.get("train_phase_seconds", [])
