@@ -100,3 +100,25 @@ def test_step_time_script_times_trainers_on_a_workspace(workspace, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for name in ("nnUNetTrainer", "nnSSL_MEDLTrainer"):
         assert f"{name}: " in p.stdout and " s/step over 1 steps" in p.stdout
+
+
+def _cuda_check():
+    spec = importlib.util.spec_from_file_location("nnssl_cuda_check", os.path.join(REPO, "benchmarks", "cuda_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_check_scripts_and_fp16_maths_on_cpu():
+    """The GPU check's pieces that run anywhere: its fallback table of nnssl's scripts is setup.py's, its
+    commands start, and MEDL's evidential maths stays finite for tiny and huge logits (here without autocast)."""
+    import importlib.metadata
+
+    cc = _cuda_check()
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert {k: installed[k] for k in cc.NNSSL_SCRIPTS} == cc.NNSSL_SCRIPTS
+    for name in ("nnssl_make_split", "nnUNetv2_train"):
+        p = subprocess.run(cc.console(name) + ["-h"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stdout[-2000:] + p.stderr[-2000:]
+    checks = cc.evidential_fp16_check("cpu")
+    assert len(checks) == 3 and all(c["finite"] and c["grad_finite"] for c in checks.values())
