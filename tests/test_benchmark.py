@@ -12,11 +12,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
-def _runner():
-    spec = importlib.util.spec_from_file_location("nnssl_benchmark_run", os.path.join(REPO, "benchmarks", "run.py"))
+def _benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(f"nnssl_benchmark_{name}",
+                                                  os.path.join(REPO, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _runner():
+    return _benchmark_script("run")
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "Task04_Hippocampus")),
@@ -102,19 +108,12 @@ def test_step_time_script_times_trainers_on_a_workspace(workspace, tmp_path):
         assert f"{name}: " in p.stdout and " s/step over 1 steps" in p.stdout
 
 
-def _cuda_check():
-    spec = importlib.util.spec_from_file_location("nnssl_cuda_check", os.path.join(REPO, "benchmarks", "cuda_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cuda_check_scripts_and_fp16_maths_on_cpu():
     """The GPU check's pieces that run anywhere: its fallback table of nnssl's scripts is setup.py's, its
     commands start, and MEDL's evidential maths stays finite for tiny and huge logits (here without autocast)."""
     import importlib.metadata
 
-    cc = _cuda_check()
+    cc = _benchmark_script("cuda_check")
     installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert {k: installed[k] for k in cc.NNSSL_SCRIPTS} == cc.NNSSL_SCRIPTS
     for name in ("nnssl_make_split", "nnUNetv2_train"):
