@@ -1,17 +1,14 @@
-"""Small helpers shared by the commands and the trainers: dataset lookup, file layout, atomic writes."""
+"""Small helpers shared by the commands and the trainers: dataset lookup, user errors, atomic writes.
+
+The unlabeled-data layout lives in :mod:`nnssl.data.layout`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
 import tempfile
 from typing import Any, Callable, Optional
-
-UNLABELED_RAW_FOLDER = "imagesUnlabeled"
-UNLABELED_PREPROCESSED_FOLDER = "unlabeled"
-UNLABELED_MANIFEST = "nnssl_unlabeled.json"
 
 
 class UserInputError(RuntimeError):
@@ -42,30 +39,6 @@ def dataset_name(dataset_name_or_id: str | int) -> str:
         return maybe_convert_to_dataset_name(dataset_name_or_id)
     except (RuntimeError, ValueError) as e:
         raise UserInputError(f"unknown dataset {dataset_name_or_id!r}: {str(e).splitlines()[0]}") from None
-
-
-def unlabeled_preprocessed_folder(preprocessed_base: str, data_identifier: str) -> str:
-    """Where preprocessed unlabeled images of one configuration live.
-
-    ``$nnUNet_preprocessed/DatasetXXX/unlabeled/<data_identifier>/``: outside the labeled
-    ``<data_identifier>`` folder, so nnU-Net's cross-validation split never sees these cases, and untouched by
-    ``nnUNetv2_preprocess`` (which only recreates ``<data_identifier>``).
-    """
-    return os.path.join(preprocessed_base, UNLABELED_PREPROCESSED_FOLDER, data_identifier)
-
-
-def preprocessing_fingerprint(plans: dict, configuration: dict) -> str:
-    """Hash of everything in the plans that changes how an image is preprocessed (not the network).
-
-    Two plans with the same fingerprint produce identical preprocessed data, e.g. nnU-Net's plans and a
-    CPU-scale variant that only shrinks the network. Used to detect stale unlabeled data.
-    """
-    keys_cfg = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes", "use_mask_for_norm",
-                "resampling_fn_data", "resampling_fn_data_kwargs")
-    keys_plans = ("transpose_forward", "foreground_intensity_properties_per_channel", "image_reader_writer")
-    relevant = {"configuration": {k: configuration.get(k) for k in keys_cfg},
-                "plans": {k: plans.get(k) for k in keys_plans}}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def atomic_write_text(path: str, text: str) -> None:

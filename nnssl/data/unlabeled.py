@@ -7,14 +7,15 @@ The pool joins two kinds of preprocessed images, both made with the dataset's pl
 - images preprocessed by ``nnssl_preprocess_unlabeled``, read from ``unlabeled/<data_identifier>/``.
 
 The loader is nnU-Net's own ``nnUNetDataLoader`` (same cropping, same augmentation pipeline) without foreground
-oversampling, and its batches carry ``data`` and ``keys`` only: the segmentation that nnU-Net's loader crops
-alongside (real labels for hidden training cases, the non-zero mask otherwise) is dropped inside the loader, so
-no label can reach any loss.
+oversampling, and its batches carry ``data``, ``keys`` and ``meta`` only: the segmentation that nnU-Net's loader
+crops alongside (real labels for hidden training cases, the non-zero mask otherwise) is dropped inside the loader,
+so no label can reach any loss. Which images make the pool of a run is :mod:`nnssl.data.pool`; the folder layout
+is :mod:`nnssl.data.layout`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
@@ -52,7 +53,19 @@ class UnlabeledPool:
 
 
 class UnlabeledDataLoader(nnUNetDataLoader):
-    """``nnUNetDataLoader`` over an :class:`UnlabeledPool`: random crops, batches of ``{'data', 'keys'}`` only.
+    """``nnUNetDataLoader`` over an :class:`UnlabeledPool`: random crops, batches of ``{'data', 'keys', 'meta'}``.
+
+    ``meta`` is the per-sample metadata channel, one dict per sample in batch order, with
+
+    - ``case``: the identifier;
+    - ``crop_start``: the crop's start per spatial axis of the preprocessed image (before augmentation; may be
+      negative where nnU-Net pads), ``image_shape``: the preprocessed image's spatial shape;
+    - for 2D configurations (nnU-Net crops one slice of the 3D preprocessed array): ``slice_index`` and
+      ``slice_count``, the slice's position in its scan and the scan's number of slices (None in 3D);
+    - ``pseudo_label``, ``confidence``: reserved for stored pseudo-labels and their per-voxel confidence
+      (None here; a pool that provides them fills these keys).
+
+    Metadata describes the crop, not the spatial augmentation applied to it afterwards.
 
     Args:
         pool: the unlabeled pool.
@@ -70,7 +83,20 @@ class UnlabeledDataLoader(nnUNetDataLoader):
                          probabilistic_oversampling=False, transforms=transforms)
         # no class-location lookups for an ignore label: unlabeled images have no annotated voxels
         self.has_ignore = False
+        self._crops: List[tuple] = []
+
+    def get_bbox(self, data_shape, force_fg: bool, class_locations, overwrite_class=None, verbose: bool = False):
+        bbox_lbs, bbox_ubs = super().get_bbox(data_shape, force_fg, class_locations, overwrite_class, verbose)
+        self._crops.append((tuple(int(v) for v in data_shape), [int(v) for v in bbox_lbs]))
+        return bbox_lbs, bbox_ubs
 
     def generate_train_batch(self) -> dict:
+        self._crops = []
         batch = super().generate_train_batch()
-        return {"data": batch["data"], "keys": batch["keys"]}
+        meta = []
+        for key, (shape, start) in zip(batch["keys"], self._crops):
+            two_d = self.patch_size_was_2d
+            meta.append({"case": key, "crop_start": start, "image_shape": shape,
+                         "slice_index": start[0] if two_d else None, "slice_count": shape[0] if two_d else None,
+                         "pseudo_label": None, "confidence": None})
+        return {"data": batch["data"], "keys": batch["keys"], "meta": meta}

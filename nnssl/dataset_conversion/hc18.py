@@ -53,7 +53,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnssl.ops.ellipse import Ellipse, fit_ellipse, rasterize_ellipse
-from nnssl.utils import UNLABELED_RAW_FOLDER, UserInputError, require_env, run_command
+from nnssl.data.layout import UNLABELED_RAW_FOLDER
+from nnssl.utils import UserInputError, require_env, run_command
 
 TRAINING_FOLDER = "training_set"
 TRAINING_CSV = "training_set_pixel_size_and_HC.csv"

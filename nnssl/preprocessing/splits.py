@@ -16,7 +16,6 @@ Groups (``--group-regex``) keep related cases (e.g. several images of one patien
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import shutil

@@ -23,9 +23,10 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-from nnssl.utils import (UNLABELED_MANIFEST, UNLABELED_RAW_FOLDER, UserInputError, atomic_write_json, dataset_name,
-                         load_json_or_none, preprocessing_fingerprint, require_env, run_command,
-                         unlabeled_preprocessed_folder)
+from nnssl.data.layout import (UNLABELED_MANIFEST, UNLABELED_RAW_FOLDER, preprocessing_fingerprint,
+                               unlabeled_preprocessed_folder)
+from nnssl.utils import (UserInputError, atomic_write_json, dataset_name, load_json_or_none, require_env,
+                         run_command)
 
 MANIFEST_FLUSH_SECONDS = 1.0
 
