@@ -9,8 +9,8 @@ import torch
 from nnssl.losses.segmentation import cps_dice_loss, mix_loss, soft_dice_loss, weighted_dice_ce
 from nnssl.ops.displacement import (Box, displace, largest_low_confidence_box, llcr_boxes, llcr_displace,
                                     most_confident_box, search_stride)
-from nnssl.ops.mixing import (bcp_mix, box_mask, copy_paste, largest_component_per_class, pseudo_labels,
-                              strong_intensity_view, swap_boxes)
+from nnssl.ops.mixing import bcp_mix, box_mask, copy_paste, strong_intensity_view, swap_boxes
+from nnssl.ops.pseudo_labels import largest_component_per_class, pseudo_labels
 from nnssl.schedules import escalate
 
 
@@ -94,8 +94,25 @@ def test_cps_dice_loss_is_zero_for_a_confident_match_and_detaches_the_other():
     s = a.clone().requires_grad_(True)
     loss = cps_dice_loss(s, b)
     assert loss.item() == pytest.approx(0.0, abs=1e-4)
-    (cps_dice_loss(s, b) + 0 * s.sum()).backward()
-    assert b.grad is None
+    # the other network's argmax is the target: flip it and the loss is large; only s gets a gradient
+    flipped = b.detach().clone()
+    flipped[:, 1, 1, 1], flipped[:, 1, 0, 0] = -50.0, 50.0
+    loss_flipped = cps_dice_loss(s, flipped)
+    assert loss_flipped.item() > 0.5
+    loss_flipped.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    # ABD averages its Dice over all classes including the background: for binary data a different loss
+    p = torch.zeros(1, 2, 2, 2)
+    p[:, 1] = torch.tensor([[2.0, -2.0], [-2.0, -2.0]])
+    other = torch.zeros(1, 2, 2, 2)
+    other[:, 1] = torch.tensor([[5.0, 5.0], [-5.0, -5.0]])  # argmax: class 1 on the top row
+    probs = torch.softmax(p, 1)
+    y = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    dice_fg = (2 * (probs[0, 1] * y).sum() + 1e-5) / ((probs[0, 1] + y).sum() + 1e-5)
+    dice_bg = (2 * (probs[0, 0] * (1 - y)).sum() + 1e-5) / ((probs[0, 0] + 1 - y).sum() + 1e-5)
+    assert cps_dice_loss(p, other).item() == pytest.approx(1 - dice_fg.item(), rel=1e-5)
+    assert cps_dice_loss(p, other, include_background=True).item() == pytest.approx(
+        1 - 0.5 * (dice_fg + dice_bg).item(), rel=1e-5)
     # hand value: soft Dice against an empty pseudo-label with prediction 0.5 everywhere on class 1
     assert soft_dice_loss(torch.full((1, 2, 2, 2), math.log(0.5)), torch.zeros(1, 2, 2, dtype=torch.long)
                           ).item() == pytest.approx(1 - 1e-5 / (4 * 0.5 + 1e-5), rel=1e-6)

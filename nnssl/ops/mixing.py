@@ -1,4 +1,5 @@
-"""Copy-paste mixing (BCP), teacher pseudo-labels and a strong intensity view, for 2D and 3D batches.
+"""Copy-paste mixing (BCP) and a strong intensity view, for 2D and 3D batches (pseudo-labels:
+:mod:`nnssl.ops.pseudo_labels`).
 
 Conventions (pure functions): images are ``(B, C, *spatial)``, segmentations ``(B, 1, *spatial)`` class indices,
 box masks ``(1, 1, *spatial)`` or ``(B, 1, *spatial)`` floats that are 1 inside the box and 0 outside (note: BCP's
@@ -9,11 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from scipy import ndimage
-
-from nnssl.ops.tensors import class_argmax
 
 
 def box_mask(spatial_shape: Sequence[int], box_fraction: float = 2.0 / 3.0,
@@ -90,50 +87,6 @@ def bcp_mix(x_l: torch.Tensor, y_l: torch.Tensor, x_u: torch.Tensor, y_u: torch.
     images = torch.where(labeled_region, x_l, x_u)
     targets = torch.where(labeled_region, y_l, y_u)
     return images, targets, labeled_region.float()
-
-
-def largest_component_per_class(segmentation: np.ndarray, num_classes: int, connectivity: Optional[int] = None
-                                ) -> np.ndarray:
-    """Keep, for every foreground class, only its largest connected component; the rest becomes background 0.
-
-    BCP/ABD post-process their teacher's pseudo-labels this way (``get_ACDC_2DLargestCC``). Ties go to the
-    component scipy labels first.
-
-    Args:
-        segmentation: integer array ``(*spatial)`` of class indices.
-        num_classes: number of classes including background.
-        connectivity: 1 (faces) .. ndim (full, scikit-image's default that BCP uses); None = ndim.
-    """
-    ndim = segmentation.ndim
-    structure = ndimage.generate_binary_structure(ndim, ndim if connectivity is None else connectivity)
-    out = np.zeros_like(segmentation)
-    for c in range(1, num_classes):
-        labels, n = ndimage.label(segmentation == c, structure)
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel())[1:]
-        out[labels == int(np.argmax(sizes)) + 1] = c
-    return out
-
-
-def pseudo_labels(logits: torch.Tensor, largest_component: bool = True, connectivity: Optional[int] = None
-                  ) -> torch.Tensor:
-    """Hard pseudo-labels from a teacher's logits: argmax, optionally the largest component per class.
-
-    Args:
-        logits: ``(B, K, *spatial)`` softmax logits.
-        largest_component: apply :func:`largest_component_per_class` to each sample (on the CPU).
-
-    Returns:
-        ``(B, 1, *spatial)`` int64 class indices on ``logits``' device.
-    """
-    seg = class_argmax(logits.detach(), keepdim=True)
-    if not largest_component:
-        return seg
-    arr = seg.cpu().numpy()
-    for i in range(arr.shape[0]):
-        arr[i, 0] = largest_component_per_class(arr[i, 0], logits.shape[1], connectivity)
-    return torch.from_numpy(arr).to(logits.device)
 
 
 def strong_intensity_view(x: torch.Tensor, contrast_range: Tuple[float, float] = (0.75, 1.25),
