@@ -2,11 +2,16 @@
 
 All functions are pure: a position ``t`` and a length ``length`` (in the same unit, e.g. training
 iterations or epochs) go in, a float in [0, 1] comes out. ``length <= 0`` means "no ramp" and returns 1.
+Also the schedule of learning-rate-guided (LRG) sampling and the per-step batch split it implies; the split is
+pure except that, given a ``numpy.random.Generator``, it advances it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
+
+import numpy as np
 
 RAMP_SHAPES = ("sigmoid", "linear", "cosine", "none")
 
@@ -108,16 +113,50 @@ def lrg_unlabeled_share(rule: str, *, lr: float, max_lr: float, epoch: int, star
     return float(min(max(share, 0.0), 1.0))
 
 
-def lrg_batch_split(batch_size: int, unlabeled_share: float, max_unlabeled: int = None) -> tuple:
-    """(labeled, unlabeled) samples of a batch of ``batch_size`` with ``floor(share * batch_size)`` unlabeled ones.
+def lrg_batch_split(batch_size: int, unlabeled_share: float, max_unlabeled: Optional[int] = None,
+                    rng: Optional[np.random.Generator] = None) -> Tuple[int, int]:
+    """(labeled, unlabeled) samples of one training step's batch under LRG sampling.
 
-    The total is always ``batch_size`` (so memory does not change); ``max_unlabeled`` (the unlabeled loader's
-    batch size) caps the unlabeled count and labeled samples fill the rest. Flooring, as the authors' code does,
-    keeps at least one labeled sample until the share reaches 1.
+    With ``rng`` (the faithful rule): each of the ``batch_size`` samples is unlabeled with probability
+    ``unlabeled_share``, independently, drawn anew for every step: ``n_u ~ Binomial(batch_size, share)``, so
+    ``E[n_u] = share * batch_size`` and the realised share follows the schedule in expectation at any batch size.
+    A step may be all-labeled or all-unlabeled (with B = 2 and share 0.5: a quarter of the steps each).
+
+    Without ``rng`` (deterministic fallback): ``n_u = floor(share * batch_size)``, the rule of M&N's released code
+    (pakheiyeung/M-N ``train.py``, per batch: ``num_pseudo = floor(share * 5)``). With its batches of 5 volumes the
+    floor lags the schedule by less than one sample; with nnU-Net's batch size 2 it draws no unlabeled sample until
+    the share reaches 0.5 (54 % of training under the poly schedule with the ``"lr"`` rule) and never more than one
+    before the share is 1, so the realised share lags far behind the schedule. The binomial draw keeps the
+    schedule's intent (the share of unlabeled samples seen during training) at B = 2: the share becomes an
+    expectation over steps instead of a count within one batch.
+
+    In both cases ``max_unlabeled`` (the unlabeled loader's batch size) caps the unlabeled count and labeled samples
+    fill the rest, so the total is always ``batch_size`` (memory does not change). A cap below ``batch_size``
+    lowers ``E[n_u]`` below ``share * batch_size`` where the draw exceeds it.
+
+    Args:
+        batch_size: samples per step (nnU-Net's plans' batch size), >= 1.
+        unlabeled_share: the scheduled share in [0, 1] (:func:`lrg_unlabeled_share`).
+        max_unlabeled: at most this many unlabeled samples (>= 0); None: no cap beyond ``batch_size``.
+        rng: a ``numpy.random.Generator`` for the per-step draw; None: the deterministic floor.
+
+    Returns:
+        ``(n_labeled, n_unlabeled)``, two ints summing to ``batch_size``.
+
+    Raises:
+        ValueError: for ``batch_size < 1``, a share outside [0, 1] or a negative ``max_unlabeled``.
+        TypeError: for an ``rng`` that is not a ``numpy.random.Generator``.
     """
     if batch_size < 1 or not 0.0 <= unlabeled_share <= 1.0:
         raise ValueError(f"need batch_size >= 1 and a share in [0, 1], got {batch_size}, {unlabeled_share}")
-    n_u = int(math.floor(unlabeled_share * batch_size + 1e-9))
+    if max_unlabeled is not None and max_unlabeled < 0:
+        raise ValueError(f"max_unlabeled must be >= 0 or None, got {max_unlabeled}")
+    if rng is None:
+        n_u = int(math.floor(unlabeled_share * batch_size + 1e-9))
+    elif isinstance(rng, np.random.Generator):
+        n_u = int(rng.binomial(batch_size, unlabeled_share))
+    else:
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng)}")
     if max_unlabeled is not None:
         n_u = min(n_u, int(max_unlabeled))
     return batch_size - n_u, n_u
