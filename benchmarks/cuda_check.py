@@ -18,7 +18,8 @@ labels are the dataset's. Before the runs it checks MEDL's evidential maths in f
 (finite losses and gradients for tiny and huge logits).
 
 Results: ``OUT/cuda_check.json`` (rewritten after every step, so a run stopped at its time limit still leaves
-what it finished) and ``OUT/cuda_check.md``. ``--budget-s`` starts no new run after that many seconds.
+what it finished), ``OUT/cuda_check.md`` and every step's output in ``OUT/cuda_check_log.txt``. ``--budget-s``
+starts no new run after that many seconds.
 
 On the lent GPU machine of this workplace (Python 3.12, torch there, nnU-Net not), ``benchmarks/device_site.sh``
 first packs nnU-Net and the other missing packages into ``.device_site/site312.tar.xz``; the device call is
@@ -31,6 +32,7 @@ first packs nnU-Net and the other missing packages into ``.device_site/site312.t
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import json
 import os
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -48,27 +50,40 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
+from nnssl.trainers.registry import trainer_names  # noqa: E402
+from nnssl.utils import UserInputError, run_command  # noqa: E402
+from nnssl.workflow import Workspace, nnunet_env, planner_env  # noqa: E402
+
 DATASET_ID = 991
 DATASET = f"Dataset{DATASET_ID}_nnsslCudaCheck"
-# setup.py's entry points of the nnssl scripts used here (tests/test_benchmark.py checks they agree)
-NNSSL_SCRIPTS = {"nnssl_preprocess_unlabeled": "nnssl.preprocessing.unlabeled:main",
-                 "nnssl_make_split": "nnssl.preprocessing.splits:main",
-                 "nnssl_make_cpu_plans": "nnssl.plans.cpu_plans:main"}
+
+
+def setup_py_scripts() -> Dict[str, str]:
+    """nnssl's console scripts (name -> entry point) as setup.py declares them: the fallback where nnssl runs
+    from the source tree, without the installed metadata that has them (the GPU machine)."""
+    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "entry_points":
+            return dict((part.strip() for part in line.split("=", 1))
+                        for line in ast.literal_eval(node.value)["console_scripts"])
+    raise UserInputError(f"{os.path.join(REPO, 'setup.py')} declares no entry_points")
+
+
+def python_c(name: str, entry_point: str) -> List[str]:
+    """The command that runs the entry point ``module:function`` as the console script ``name`` would."""
+    module, func = entry_point.split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; "
+                                  f"sys.exit({func}())"]
 
 
 def console(name: str) -> List[str]:
-    """A console script as ``python -c ...`` from its entry point (works where the package is only on
-    PYTHONPATH and its scripts were not installed)."""
+    """A console script as ``python -c ...`` from its entry point: the installed one, else setup.py's (works where
+    the packages are only on PYTHONPATH and their scripts were not installed)."""
     found = [e.value for e in importlib.metadata.entry_points(group="console_scripts") if e.name == name]
-    if found:
-        value = found[0]
-    elif name in NNSSL_SCRIPTS:  # nnssl runs from the source tree there, without its dist-info
-        value = NNSSL_SCRIPTS[name]
-    else:
-        raise SystemExit(f"[cuda_check] console script {name} not found: is nnunetv2 importable?")
-    module, func = value.split(":")
-    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; "
-                                  f"sys.exit({func}())"]
+    entry_point = found[0] if found else setup_py_scripts().get(name)
+    if entry_point is None:
+        raise UserInputError(f"console script {name} not found: is nnunetv2 importable (PYTHONPATH)?")
+    return python_c(name, entry_point)
 
 
 class GpuMemoryPeak:
@@ -128,48 +143,39 @@ class Check:
         self.a = args
         self.work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="nnssl_cuda_check_"))
         os.makedirs(args.out, exist_ok=True)
-        from nnssl.commands.trainer_path import ext_trainer_value
-
-        self.env = dict(os.environ)
-        self.env.update(nnUNet_raw=os.path.join(self.work, "raw"), nnUNet_preprocessed=os.path.join(self.work, "pre"),
-                        nnUNet_results=os.path.join(self.work, "res"),
-                        nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer")),
-                        nnUNet_compile="f" if args.no_compile or args.device == "cpu" else "t",
-                        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        env = nnunet_env(self.work, nnUNet_compile="f" if args.no_compile or args.device == "cpu" else "t",
+                         PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         if args.device == "cpu":
-            self.env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+            env.update(nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1")
+        # every step's output in OUT/cuda_check_log.txt, so that it comes back from the GPU machine
+        self.ws = Workspace(self.work, env, log=os.path.join(args.out, "cuda_check_log.txt"), echo="cuda_check")
         self.plans = "nnUNetPlans_cpu" if args.plans == "cpu" else "nnUNetPlans"
         self.start = time.time()
         self.results = {"device": args.device, "command": "python benchmarks/cuda_check.py " + " ".join(sys.argv[1:]),
                         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-                        "nnUNet_compile": self.env["nnUNet_compile"], "steps": [], "runs": []}
+                        "nnUNet_compile": env["nnUNet_compile"], "steps": [], "runs": []}
 
     def save(self) -> None:
         with open(os.path.join(self.a.out, "cuda_check.json"), "w") as f:
             json.dump(self.results, f, indent=1)
 
     def sh(self, cmd: List[str], title: str, env: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
-        print(f"[cuda_check] {time.strftime('%H:%M:%S')} {title}", flush=True)
-        t0 = time.time()
+        """Run a step, recording its failure instead of raising it."""
         with GpuMemoryPeak() as mem:
-            try:
-                p = subprocess.run(cmd, env=env or self.env, capture_output=True, text=True, timeout=timeout)
-                rc, tail = p.returncode, (p.stdout + p.stderr)[-3000:]
-            except subprocess.TimeoutExpired as e:
-                rc, tail = "timeout", str(e)[-3000:]
-        return {"step": title, "ok": rc == 0, "returncode": rc, "seconds": round(time.time() - t0, 1),
-                "gpu_peak_memory_mib": mem.peak, **({} if rc == 0 else {"output_tail": tail})}
+            step = self.ws.run(cmd, title, env=env, timeout=timeout, check=False)
+        return {"step": title, "ok": step.ok, "returncode": "timeout" if step.timed_out else step.returncode,
+                "seconds": round(step.seconds, 1), "gpu_peak_memory_mib": mem.peak,
+                **({} if step.ok else {"output_tail": step.tail()})}
 
     def prepare(self) -> bool:
         from nnssl.dataset_conversion.synthetic import make_synthetic_dataset
 
         a = self.a
-        make_synthetic_dataset(self.env["nnUNet_raw"], DATASET_ID, "nnsslCudaCheck", n_labeled=16, n_unlabeled=8,
+        make_synthetic_dataset(self.ws.raw, DATASET_ID, "nnsslCudaCheck", n_labeled=16, n_unlabeled=8,
                                n_test=3, shape=tuple(a.shape))
-        plan_env = {k: v for k, v in self.env.items() if k != "nnUNet_n_proc_DA"}  # the planner fails with 0
         steps = [(console("nnUNetv2_plan_and_preprocess") + ["-d", str(DATASET_ID), "-c", *a.configurations,
                                                               "-np", "4", "-npfp", "2"], "plan and preprocess",
-                  plan_env)]
+                  planner_env(self.ws.env))]
         if self.plans == "nnUNetPlans_cpu":
             steps.append((console("nnssl_make_cpu_plans") + ["-d", str(DATASET_ID), "--batch-size", "2"],
                           "cpu plans", None))
@@ -198,7 +204,7 @@ class Check:
         run["train"] = train
         if not train["ok"]:
             return run
-        out = os.path.join(self.env["nnUNet_results"], DATASET, f"{variant}__{self.plans}__{configuration}", "fold_0")
+        out = os.path.join(self.ws.results, DATASET, f"{variant}__{self.plans}__{configuration}", "fold_0")
         ckpt = torch.load(os.path.join(out, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
         log = ckpt["logging"]
         phase = log.get("train_phase_seconds", [])
@@ -215,7 +221,7 @@ class Check:
             "grad_scaler_scale": None if not scaler else float(scaler.get("scale", float("nan"))),
         })
         preds = os.path.join(self.work, "preds", f"{trainer}_{configuration}")
-        images = os.path.join(self.env["nnUNet_raw"], DATASET, "imagesTs")
+        images = os.path.join(self.ws.raw, DATASET, "imagesTs")
         pred = self.sh(console("nnUNetv2_predict") + ["-i", images, "-o", preds, "-d", str(DATASET_ID), "-c",
                                                       configuration, "-f", "0", "-tr", variant, "-p", self.plans,
                                                       "-device", a.device, "-npp", "1", "-nps", "1"],
@@ -240,7 +246,7 @@ class Check:
         self.results.update(torch=torch.__version__, cuda=torch.version.cuda,
                             gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
         if a.device == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("[cuda_check] --device cuda but torch sees no GPU")
+            raise UserInputError("--device cuda but torch sees no GPU")
         self.results["evidential_fp16"] = evidential_fp16_check(a.device)
         self.save()
         if self.prepare():
@@ -292,7 +298,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for cuda_check.json and cuda_check.md")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--trainers", nargs="+", default=["nnSSL_MEDLTrainer", "nnSSL_CADTrainer"])
+    p.add_argument("--trainers", nargs="+", default=["nnSSL_MEDLTrainer", "nnSSL_CADTrainer"],
+                   choices=trainer_names(), metavar="TRAINER", help="nnSSL trainers (default: MEDL and CAD)")
     p.add_argument("--configurations", nargs="+", default=["3d_fullres", "2d"])
     p.add_argument("--plans", choices=("default", "cpu"), default="default",
                    help="default: nnU-Net's plans; cpu: nnssl_make_cpu_plans (features x0.25, batch 2)")
@@ -304,7 +311,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=420.0, help="start no run after this many seconds")
     p.add_argument("--work", default=None, help="workspace (default: a temporary folder, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the workspace")
-    Check(p.parse_args(argv)).run()
+    args = p.parse_args(argv)
+    run_command(lambda: Check(args).run())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ epoch, data loading included) remains the reported number.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -25,9 +24,19 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-MODULES = {"nnUNetTrainer": "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
-           "nnSSL_MeanTeacherTrainer": "nnssl.trainers.mean_teacher", "nnSSL_MEDLTrainer": "nnssl.trainers.medl",
-           "nnSSL_CADTrainer": "nnssl.trainers.cad", "nnSSL_MNTrainer": "nnssl.trainers.mn"}
+from nnssl.trainers.registry import trainer_class, trainer_names  # noqa: E402
+from nnssl.workflow import environ, nnunet_env  # noqa: E402
+
+TRAINERS = ("nnUNetTrainer",) + trainer_names()
+
+
+def _trainer_class(name: str) -> type:
+    """nnU-Net's nnUNetTrainer (the baseline) or a registered nnSSL trainer."""
+    if name == "nnUNetTrainer":
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        return nnUNetTrainer
+    return trainer_class(name)
 
 
 def main(argv=None) -> None:
@@ -36,19 +45,27 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", required=True, help="dataset folder name, e.g. Dataset018_HC18")
     p.add_argument("-c", "--configuration", required=True)
     p.add_argument("-p", "--plans", default="nnUNetPlans_cpu")
-    p.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnSSL_MEDLTrainer"], choices=sorted(MODULES))
+    p.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnSSL_MEDLTrainer"], choices=TRAINERS,
+                   metavar="TRAINER", help=f"any of {', '.join(TRAINERS)} (default: nnUNetTrainer nnSSL_MEDLTrainer)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)
-    os.environ.update(nnUNet_raw=f"{work}/nnUNet_raw", nnUNet_preprocessed=f"{work}/nnUNet_preprocessed",
-                      nnUNet_results=f"{work}/step_time_results", nnUNet_n_proc_DA="0", nnUNet_compile="f")
+    # nnU-Net reads its folders when first imported: set for the whole run (its own results folder), then restored
+    env = nnunet_env(work, nnUNet_results=os.path.join(work, "step_time_results"), nnUNet_n_proc_DA="0",
+                     nnUNet_compile="f")
+    with environ(env):
+        time_steps(args, os.path.join(env["nnUNet_preprocessed"], args.dataset))
+
+
+def time_steps(args, pre: str) -> None:
+    """Time ``args.trainers`` on the preprocessed dataset ``pre``: one line per trainer,
+    ``<trainer>: <seconds> s/step over <steps> steps (<dataset>, <configuration>, ...)``."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-    pre = join(work, "nnUNet_preprocessed", args.dataset)
     for name in args.trainers:
-        cls = getattr(importlib.import_module(MODULES[name]), name)
+        cls = _trainer_class(name)
         plans = load_json(join(pre, args.plans + ".json"))
         plans["continue_training"] = False
         t = cls(plans, args.configuration, 0, load_json(join(pre, "dataset.json")), torch.device("cpu"))

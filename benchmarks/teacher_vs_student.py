@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,9 +24,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 def main(argv=None) -> None:
     import torch
 
-    from nnssl.commands.trainer_path import ext_trainer_value
     from nnssl.evaluation.evaluate import evaluate_folders
     from nnssl.utils import atomic_write_json
+    from nnssl.workflow import nnunet_env, run_step
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", required=True, help="benchmark workspace (with nnUNet_raw/preprocessed/results)")
@@ -35,9 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--fold", type=int, default=0)
     args = p.parse_args(argv)
     work = os.path.abspath(args.work)
-    env = dict(os.environ, nnUNet_raw=f"{work}/nnUNet_raw", nnUNet_preprocessed=f"{work}/nnUNet_preprocessed",
-               nnUNet_results=f"{work}/nnUNet_results", nnUNet_def_n_proc="1",
-               nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
+    env = nnunet_env(work, nnUNet_def_n_proc="1")
     (dataset,) = os.listdir(env["nnUNet_results"]) if len(os.listdir(env["nnUNet_results"])) == 1 else [
         d for d in os.listdir(env["nnUNet_results"]) if os.path.isdir(f"{env['nnUNet_results']}/{d}/{args.model}")]
     model = f"{env['nnUNet_results']}/{dataset}/{args.model}"
@@ -68,10 +65,9 @@ def main(argv=None) -> None:
     report = {"model": args.model, "fold": args.fold, "validation_cases": len(val)}
     for name, folder in (("student", model), ("teacher", teacher_model)):
         out = f"{scratch}/pred_{name}"
-        exe = os.path.join(os.path.dirname(sys.executable), "nnUNetv2_predict_from_modelfolder")
-        subprocess.run([exe, "-i", images, "-o", out, "-m", folder, "-f", str(args.fold), "-device",
-                        "cuda" if torch.cuda.is_available() else "cpu", "-npp", "1", "-nps", "1"], env=env,
-                       check=True, stdout=subprocess.DEVNULL)
+        run_step(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", out, "-m", folder, "-f", args.fold,
+                  "-device", "cuda" if torch.cuda.is_available() else "cpu", "-npp", 1, "-nps", 1], env,
+                 title=f"predict with the {name}")
         summary = evaluate_folders(refs, out, dataset_json, output_prefix=f"{out}_eval")
         report[name] = {c["name"]: c["dice"]["mean"] for c in summary["per_class"].values()}
         report[name]["mean_dice"] = summary["over_classes"]["dice"]["mean"]

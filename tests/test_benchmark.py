@@ -1,12 +1,17 @@
-"""The benchmark runner's --quick chain on a subset of the real Hippocampus data (skipped without the data)."""
+"""The benchmark scripts: run.py's --quick chain on a subset of the real Hippocampus data (skipped without the
+data), the report of the committed results, step_time.py on the synthetic workspace, cuda_check.py's CPU parts."""
 
 import importlib.util
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+
+from nnssl.trainers.registry import trainer_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("NNSSL_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -21,10 +26,7 @@ def _benchmark_script(name: str):
     return module
 
 
-def _runner():
-    return _benchmark_script("run")
-
-
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "Task04_Hippocampus")),
                     reason=f"real data not found in {DATA} (Task04_Hippocampus)")
 def test_quick_benchmark_chain(tmp_path):
@@ -36,7 +38,7 @@ def test_quick_benchmark_chain(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(results + ".json"))
     assert set(r["runs"]) == {"nnUNetTrainer (labeled only)", "nnUNetTrainer (labeled only, compute-matched)",
-                              "nnUNetTrainer (all labels, upper bound)"} | set(_runner().ssl_trainers())
+                              "nnUNetTrainer (all labels, upper bound)"} | set(trainer_names("3d"))
     assert {"nnSSL_MeanTeacherTrainer", "nnSSL_MEDLTrainer", "nnSSL_CADTrainer", "nnSSL_MNTrainer"} <= set(r["runs"])
     # CAD's region search is timed and reported as a share of its iteration
     assert 0 < r["runs"]["nnSSL_CADTrainer"]["0"]["region_search_share"] < 1
@@ -47,7 +49,7 @@ def test_quick_benchmark_chain(tmp_path):
     assert "nnSSL_CADTrainer: deployed" in open(results + ".md").read()
     # the compute-matched row follows the costliest SSL trainer
     assert r["compute_ratio"]["0"] == pytest.approx(max(r["runs"][t]["0"]["time_ratio_to_nnUNetTrainer"]
-                                                         for t in _runner().ssl_trainers()))
+                                                         for t in trainer_names("3d")))
     for runs in r["runs"].values():
         e = runs["0"]
         assert e["done"] and set(e["per_class"]) == {"Anterior", "Posterior"} and e["seconds_per_iteration"] > 0
@@ -90,7 +92,18 @@ def test_report_lists_the_other_networks_validation_dice():
     runs = {"nnUNetTrainer (labeled only)": {"0": {"learning_curve": {"pseudo_dice": [0.5]}}},
             "nnSSL_MeanTeacherTrainer": {"0": {"learning_curve": curves}}}
     # mean of the last 5 epochs: (0.5 + 0.6 + 0.7 + 0.8 + 0.9) / 5 and (0.6 + ... + 1.0) / 5
-    assert _runner()._other_networks_lines(runs) == ["nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
+    assert _benchmark_script("report")._other_networks_lines(runs) == [
+        "nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
+
+
+@pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct"])
+def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
+    """Results files written by earlier versions of the runner still make the same report."""
+    report = _benchmark_script("report")
+    results = os.path.join(REPO, "benchmarks", "results", name)
+    report.main([results + ".json", "--out", str(tmp_path / name)])
+    assert open(tmp_path / f"{name}.md").read() == open(results + ".md").read()
+    assert os.path.getsize(tmp_path / f"{name}.png") > 10000
 
 
 def test_step_time_script_times_trainers_on_a_workspace(workspace, tmp_path):
@@ -101,23 +114,31 @@ def test_step_time_script_times_trainers_on_a_workspace(workspace, tmp_path):
     os.symlink(os.path.join(workspace, "raw"), work / "nnUNet_raw")
     os.symlink(os.path.join(workspace, "pre"), work / "nnUNet_preprocessed")
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "step_time.py"), "--work", str(work), "--dataset",
-           DATASET, "-c", "3d_fullres", "--trainers", "nnUNetTrainer", "nnSSL_MEDLTrainer", "--steps", "1"]
+           DATASET, "-c", "3d_fullres", "--trainers", "nnUNetTrainer", "nnSSL_MEDLTrainer", "--steps", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in ("nnUNetTrainer", "nnSSL_MEDLTrainer"):
-        assert f"{name}: " in p.stdout and " s/step over 1 steps" in p.stdout
+    rows = re.findall(r"^(\S+): (\S+) s/step over (\d+) steps \((\S+), (\S+), (\S+), torch ", p.stdout, re.M)
+    assert [r[0] for r in rows] == ["nnUNetTrainer", "nnSSL_MEDLTrainer"], p.stdout
+    for _, seconds, steps, dataset, configuration, plans in rows:
+        assert 0 < float(seconds) < 60 and math.isfinite(float(seconds))
+        assert (int(steps), dataset, configuration, plans) == (2, DATASET, "3d_fullres", "nnUNetPlans_cpu")
+    # the trainers ran on the workspace's data and wrote nowhere but their own results folder
+    assert sorted(os.listdir(work)) == ["nnUNet_preprocessed", "nnUNet_raw", "step_time_results"]
 
 
 def test_cuda_check_scripts_and_fp16_maths_on_cpu():
-    """The GPU check's pieces that run anywhere: its fallback table of nnssl's scripts is setup.py's, its
-    commands start, and MEDL's evidential maths stays finite for tiny and huge logits (here without autocast)."""
+    """The GPU check's pieces that run anywhere: its fallback for uninstalled scripts reads setup.py's entry points
+    (all of nnssl's installed scripts, no other) and starts them, its commands start, and MEDL's evidential maths
+    stays finite for tiny and huge logits (here without autocast)."""
     import importlib.metadata
 
     cc = _benchmark_script("cuda_check")
-    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
-    assert {k: installed[k] for k in cc.NNSSL_SCRIPTS} == cc.NNSSL_SCRIPTS
-    for name in ("nnssl_make_split", "nnUNetv2_train"):
-        p = subprocess.run(cc.console(name) + ["-h"], capture_output=True, text=True, timeout=120)
+    installed = {e.name: e.value for e in importlib.metadata.distribution("nnssl").entry_points
+                 if e.group == "console_scripts"}
+    assert cc.setup_py_scripts() == installed, "setup.py's entry points changed: pip install -e . again"
+    fallback = cc.python_c("nnssl_make_split", cc.setup_py_scripts()["nnssl_make_split"])
+    for cmd in (fallback, cc.console("nnUNetv2_train")):
+        p = subprocess.run(cmd + ["-h"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "usage" in p.stdout.lower(), p.stdout[-2000:] + p.stderr[-2000:]
     checks = cc.evidential_fp16_check("cpu")
     assert len(checks) == 3 and all(c["finite"] and c["grad_finite"] for c in checks.values())

@@ -9,9 +9,8 @@ import pytest
 
 from nnssl.commands.trainer_path import ext_trainer_value
 from nnssl.nnunet_ext import EXT_TRAINER_DIR
+from nnssl.trainers.registry import trainer_class, trainer_names
 from nnssl.trainers.variants import budget_variant, parse_variant_name
-
-TRAINERS = ["nnSSL_CADTrainer", "nnSSL_MEDLTrainer", "nnSSL_MNTrainer", "nnSSL_MeanTeacherTrainer"]
 
 
 def test_parse_variant_names():
@@ -50,8 +49,8 @@ def test_variant_budget_applied(workspace):
     assert t.output_folder_base.endswith("nnSSL_MeanTeacherTrainer_30epochs_7iters_2valiters__nnUNetPlans_cpu__3d_fullres")
 
 
-@pytest.mark.parametrize("name", TRAINERS + ["nnSSL_MeanTeacherTrainer_2epochs_5iters",
-                                             "nnUNetTrainer_4epochs_10iters"])
+@pytest.mark.parametrize("name", list(trainer_names()) + ["nnSSL_MeanTeacherTrainer_2epochs_5iters",
+                                                          "nnUNetTrainer_4epochs_10iters"])
 def test_found_by_nnunet_lookup_with_ext_trainer(name):
     code = (
         "import os, sys\n"
@@ -74,14 +73,18 @@ def test_ext_trainer_value_keeps_other_folders():
     assert ext_trainer_value("/a" + os.pathsep + EXT_TRAINER_DIR) == EXT_TRAINER_DIR + os.pathsep + "/a"
 
 
-def test_every_exported_trainer_is_named_by_the_rules():
+def test_every_registered_trainer_is_exported_and_named_by_the_rules():
+    """The re-export module that nnUNet_extTrainer points at lists exactly the registry's trainers and gives their
+    canonical classes; nnU-Net's lookup needs ``__``-free names, and the budget variants parse ``<name>_<E>epochs``."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("exports", os.path.join(EXT_TRAINER_DIR,
                                                                            "nnssl_trainer_exports.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    exported = sorted(n for n in vars(module) if n.startswith("nnSSL_"))
-    assert exported == TRAINERS
-    for name in exported:
-        assert "__" not in name and name.endswith("Trainer")
+    assert sorted(n for n in dir(module) if n.startswith("nnSSL_")) == sorted(trainer_names())
+    for name in trainer_names():
+        assert name.startswith("nnSSL_") and name.endswith("Trainer") and "__" not in name
+        cls = getattr(module, name)
+        assert cls is trainer_class(name) and cls.__name__ == name
+        assert parse_variant_name(f"{name}_3epochs") == (name, 3, None, None)

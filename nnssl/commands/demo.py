@@ -24,56 +24,28 @@ import json
 import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnssl.commands.trainer_path import ext_trainer_value
 from nnssl.utils import UserInputError, atomic_write_json, run_command
+from nnssl.workflow import Workspace, nnunet_env, planner_env
 
 SYNTHETIC_ID = 990
 
 
-def _script(name: str) -> str:
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.isfile(path) else name
+def workspace(workdir: str) -> Workspace:
+    """The demo's workspace: nnU-Net's folders in ``workdir``, every step logged to ``demo_log.txt``.
 
-
-class Workflow:
-    """Runs console scripts with nnU-Net's environment rooted in ``workdir`` and logs them."""
-
-    def __init__(self, workdir: str, device: str):
-        self.workdir = workdir
-        self.device = device
-        cores = multiprocessing.cpu_count()
-        self.env = dict(os.environ)
-        self.env.update(nnUNet_raw=os.path.join(workdir, "nnUNet_raw"),
-                        nnUNet_preprocessed=os.path.join(workdir, "nnUNet_preprocessed"),
-                        nnUNet_results=os.path.join(workdir, "nnUNet_results"),
-                        nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-        # nnU-Net's defaults spawn 8 export workers and 12 augmentation workers: slower than none on few cores
-        self.env.setdefault("nnUNet_def_n_proc", str(max(1, min(4, cores // 2))))
-        if cores <= 4:
-            self.env.setdefault("nnUNet_n_proc_DA", "0")
-        self.log = os.path.join(workdir, "demo_log.txt")
-        self.steps: List[dict] = []
-
-    def run(self, args: Sequence[str], title: str, env: Optional[dict] = None) -> float:
-        print(f"[nnssl_demo] {title}: {' '.join(args)}", flush=True)
-        start = time.time()
-        with open(self.log, "a") as log:
-            log.write(f"\n$ {' '.join(args)}\n")
-            log.flush()
-            p = subprocess.run([_script(args[0])] + list(args[1:]), env=env or self.env, stdout=log,
-                               stderr=subprocess.STDOUT)
-        seconds = time.time() - start
-        self.steps.append({"step": title, "command": " ".join(args), "seconds": round(seconds, 1)})
-        if p.returncode != 0:
-            raise UserInputError(f"step '{title}' failed (exit code {p.returncode}); see {self.log}")
-        return seconds
+    nnU-Net's defaults spawn 8 export workers and 12 augmentation workers: slower than none on few cores, so
+    unless the user set them, fewer."""
+    cores = multiprocessing.cpu_count()
+    env = nnunet_env(workdir)
+    env.setdefault("nnUNet_def_n_proc", str(max(1, min(4, cores // 2))))
+    if cores <= 4:
+        env.setdefault("nnUNet_n_proc_DA", "0")
+    return Workspace(workdir, env, log=os.path.join(workdir, "demo_log.txt"), echo="nnssl_demo")
 
 
 def _link_cases(cases: Sequence[str], src_images: str, src_labels: str, dst_images: str, dst_labels: str,
@@ -138,8 +110,8 @@ def run_demo(workdir: str = "nnssl_demo", msd: Optional[str] = None, epochs: int
             raise UserInputError(f"{workdir} exists and is not empty; use --overwrite or another -o")
         shutil.rmtree(workdir)
     os.makedirs(workdir)
-    wf = Workflow(workdir, device)
-    raw = wf.env["nnUNet_raw"]
+    ws = workspace(workdir)
+    raw = ws.raw
     os.makedirs(raw)
 
     if msd is None:
@@ -154,7 +126,7 @@ def run_demo(workdir: str = "nnssl_demo", msd: Optional[str] = None, epochs: int
         if not os.path.isfile(os.path.join(msd, "dataset.json")):
             raise UserInputError(f"{msd} is not an MSD task folder (no dataset.json)")
         dataset_id = 991
-        wf.run(["nnUNetv2_convert_MSD_dataset", "-i", os.path.abspath(msd), "-overwrite_id", str(dataset_id),
+        ws.run(["nnUNetv2_convert_MSD_dataset", "-i", os.path.abspath(msd), "-overwrite_id", str(dataset_id),
                 "-np", "2"], "convert MSD")
         folder = [os.path.join(raw, d) for d in os.listdir(raw) if d.startswith(f"Dataset{dataset_id}_")][0]
         if os.listdir(os.path.join(folder, "imagesTs")):  # MSD test images: unlabeled for nnssl
@@ -170,17 +142,15 @@ def run_demo(workdir: str = "nnssl_demo", msd: Optional[str] = None, epochs: int
                     test_labels, ".nii.gz")
         batch_size = batch_size or 4
 
-    plan_env = dict(wf.env)
-    plan_env.pop("nnUNet_n_proc_DA", None)  # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA)
-    wf.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2", "-npfp", "2"],
-           "plan and preprocess", env=plan_env)
-    wf.run(["nnssl_make_cpu_plans", "-d", str(dataset_id), "--features-scale", str(features_scale),
+    ws.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", "2", "-npfp", "2"],
+           "plan and preprocess", env=planner_env(ws.env))
+    ws.run(["nnssl_make_cpu_plans", "-d", str(dataset_id), "--features-scale", str(features_scale),
             "--batch-size", str(batch_size)], "CPU-scale plans")
     if os.path.isdir(os.path.join(folder, "imagesUnlabeled")):
-        wf.run(["nnssl_preprocess_unlabeled", "-d", str(dataset_id), "-c", "3d_fullres", "--no-progress"],
+        ws.run(["nnssl_preprocess_unlabeled", "-d", str(dataset_id), "-c", "3d_fullres", "--no-progress"],
                "preprocess unlabeled images")
     split = ["nnssl_make_split", "-d", str(dataset_id), "--labeled", labeled, "--seed", str(seed)]
-    wf.run(split + (["--exclude", exclude] if exclude else []), "semi-supervised split")
+    ws.run(split + (["--exclude", exclude] if exclude else []), "semi-supervised split")
 
     dataset_json = json.load(open(os.path.join(folder, "dataset.json")))
     class_names = [k for k, v in sorted(dataset_json["labels"].items(), key=lambda kv: kv[1]) if v != 0]
@@ -188,10 +158,10 @@ def run_demo(workdir: str = "nnssl_demo", msd: Optional[str] = None, epochs: int
     rows = []
     for base in ("nnUNetTrainer", "nnSSL_MeanTeacherTrainer"):
         trainer = base + budget
-        train_seconds = wf.run(["nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", trainer, "-p",
-                                "nnUNetPlans_cpu", "-device", device], f"train {base}")
+        train = ws.run(["nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", trainer, "-p",
+                        "nnUNetPlans_cpu", "-device", device], f"train {base}")
         preds = os.path.join(workdir, "predictions", base)
-        wf.run(["nnUNetv2_predict", "-i", test_images, "-o", preds, "-d", str(dataset_id), "-c", "3d_fullres",
+        ws.run(["nnUNetv2_predict", "-i", test_images, "-o", preds, "-d", str(dataset_id), "-c", "3d_fullres",
                 "-f", "0", "-tr", trainer, "-p", "nnUNetPlans_cpu", "-device", device, "-npp", "1", "-nps", "1"],
                f"predict {base}")
         summary = evaluate_folders(test_labels, preds, dataset_json, num_processes=1)
@@ -200,18 +170,18 @@ def run_demo(workdir: str = "nnssl_demo", msd: Optional[str] = None, epochs: int
             else float(per_class[name][m]["mean"])  # noqa: E731
         dice = {name: mean_of(name, "dice") for name in class_names}
         hd95 = {name: mean_of(name, "hd95_mm") for name in class_names}
-        results_folder = os.path.join(wf.env["nnUNet_results"],
-                                      os.path.basename(folder), f"{trainer}__nnUNetPlans_cpu__3d_fullres")
+        results_folder = os.path.join(ws.results, os.path.basename(folder), f"{trainer}__nnUNetPlans_cpu__3d_fullres")
         epoch_seconds = _training_seconds_per_iteration(results_folder)
         rows.append({"trainer": base, "variant": trainer, "dice": dice, "mean_dice": float(np.mean(list(dice.values()))),
-                     "hd95_mm": hd95, "train_wall_seconds": round(train_seconds, 1),
+                     "hd95_mm": hd95, "train_wall_seconds": round(train.seconds, 1),
                      "median_epoch_seconds": None if epoch_seconds is None else round(epoch_seconds, 2)})
 
     results = {"dataset": os.path.basename(folder), "labeled": labeled, "budget": {"epochs": epochs,
                "iterations_per_epoch": iters, "val_iterations_per_epoch": val_iters},
                "plans": f"nnUNetPlans_cpu (features x{features_scale}, batch size {batch_size})", "device": device,
                "test_cases": len([f for f in os.listdir(test_images) if f.endswith(".nii.gz")]),
-               "rows": rows, "steps": wf.steps, "total_wall_seconds": round(time.time() - t0, 1)}
+               "rows": rows, "steps": [{"step": s.title, "command": s.command, "seconds": round(s.seconds, 1)}
+                                       for s in ws.steps], "total_wall_seconds": round(time.time() - t0, 1)}
     table = format_table(results, class_names)
     atomic_write_json(results, os.path.join(workdir, "demo_results.json"))
     with open(os.path.join(workdir, "demo_results.md"), "w") as f:

@@ -1,0 +1,146 @@
+"""The benchmark's report: a results file (``benchmarks/results/<dataset>_<fraction>.json``) as a Markdown table
+(``.md``) and a plot of the metrics and learning curves (``.png``).
+
+``benchmarks/run.py`` writes the report after every call; this script writes it again from a results file, e.g.
+after a change of the report's format or a hand-edited entry:
+
+    python benchmarks/report.py benchmarks/results/hc18_10pct.json                  # rewrites hc18_10pct.md/.png
+    python benchmarks/report.py benchmarks/results/hc18_10pct.json --out /tmp/hc18  # /tmp/hc18.md/.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from nnssl.trainers.progress import VAL_DICE_PREFIX  # noqa: E402
+
+# the bounds' rows of a results file ("runs"), beside one row per nnSSL trainer
+LOWER = "nnUNetTrainer (labeled only)"
+UPPER = "nnUNetTrainer (all labels, upper bound)"
+MATCHED = "nnUNetTrainer (labeled only, compute-matched)"
+
+
+def _mean_sd(values: List[Optional[float]]) -> str:
+    """``mean ± sd`` of the measured values (None and NaN left out; no sd for one value), ``-`` for none."""
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
+
+
+def _other_networks_lines(runs: dict, last: int = 5) -> List[str]:
+    """``trainer: deployed x, teacher y, ...`` for trainers that validated other networks (``val_dice_<name>``)."""
+    out = []
+    for key, r in runs.items():
+        curves = r[min(r, key=int)].get("learning_curve", {})
+        names = [k for k in curves if k.startswith(VAL_DICE_PREFIX)]
+        if not names or "pseudo_dice" not in curves:
+            continue
+        parts = [f"deployed {np.nanmean(curves['pseudo_dice'][-last:]):.3f}"]
+        parts += [f"{k[len(VAL_DICE_PREFIX):]} {np.nanmean(curves[k][-last:]):.3f}" for k in names]
+        out.append(f"{key}: " + ", ".join(parts))
+    return out
+
+
+def write_report(results: dict, path: str) -> None:
+    """Markdown table and PNG plot of a results dict."""
+    runs = results["runs"]
+    classes = list(next(iter(next(iter(runs.values())).values()))["per_class"])
+    hc = any("hc_abs_diff_mm" in e for r in runs.values() for e in r.values())
+    head = ["trainer", "iterations", "seeds"] + [f"Dice {c}" for c in classes] + ["mean Dice", "HD95 (mm)",
+                                                                                  "ASD (mm)"]
+    head += ["HC abs diff (mm)"] if hc else []
+    head += ["s/iteration", "time ratio", "training (min)", "peak RSS (MB)"]
+    search = any("region_search_share" in e for r in runs.values() for e in r.values())
+    head += ["region search share"] if search else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, r in runs.items():
+        es = list(r.values())
+        row = [key, str(es[0]["iterations"]), str(len(es))]
+        row += [_mean_sd([e["per_class"][c]["dice"] for e in es]) for c in classes]
+        row += [_mean_sd([e["mean"][m] for e in es]) for m in ("dice", "hd95_mm", "asd_mm")]
+        row += [_mean_sd([e.get("hc_abs_diff_mm") for e in es])] if hc else []
+        row += [_mean_sd([e["seconds_per_iteration"] for e in es]),
+                _mean_sd([e.get("time_ratio_to_nnUNetTrainer") for e in es]),
+                _mean_sd([e["train_epochs_seconds"] / 60 if e.get("train_epochs_seconds") else None for e in es]),
+                _mean_sd([e.get("peak_rss_mb") for e in es])]
+        row += [_mean_sd([e.get("region_search_share") for e in es])] if search else []
+        lines.append("| " + " | ".join(row) + " |")
+    others = _other_networks_lines(runs)
+    if others:
+        lines += ["", "Validation pseudo-Dice of each trainer's networks (nnU-Net's online validation on the fold's "
+                  "validation cases, mean of the last 5 epochs; the deployed network first): " + "; ".join(others)]
+    resumed = [f"{key} seed {seed} at epoch {e['resumed_at_epoch']}" for key, r in runs.items()
+               for seed, e in r.items() if e.get("resumed_at_epoch") is not None]
+    if resumed:
+        lines += ["", "Trained in more than one process (an interrupted training resumed with --c; training time is "
+                  "the sum of its epochs, peak RSS the resumed process's): " + "; ".join(resumed)]
+    b = results["budget"]
+    lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {results['test_cases']} held-out test cases, "
+              f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
+              f"{b['iterations_per_epoch']} iterations (compute-matched row: more iterations per epoch), device "
+              f"{results['device']}; mean ± sd over seeds (folds) {results['seeds']}. Reproduce: "
+              f"`{results['command']}`"]
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(results, path + ".png")
+    print("\n".join(lines))
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5))
+    keys = list(runs)
+    means = [np.mean([e["mean"]["dice"] for e in runs[k].values()]) for k in keys]
+    sds = [np.std([e["mean"]["dice"] for e in runs[k].values()]) for k in keys]
+    ax.bar(range(len(keys)), means, yerr=sds, color=["C0", *["C1"] * (len(keys) - 3), "C2", "C3"][:len(keys)],
+           capsize=4)
+    for i, m in enumerate(means):
+        ax.text(i, m + 0.01, f"{m:.3f}", ha="center", fontsize=9)
+    for k, style in ((LOWER, "--"), (UPPER, ":")):
+        if k in runs:
+            ax.axhline(np.mean([e["mean"]["dice"] for e in runs[k].values()]), color="k", ls=style, lw=1)
+    ax.set_xticks(range(len(keys)), [k.replace(" (", "\n(") for k in keys], fontsize=8)
+    ax.set_ylabel("mean Dice on the held-out test list")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{results['dataset']}, {results['labeled']} labeled")
+    for k in keys:
+        e = runs[k][min(runs[k], key=int)]
+        curve = e["learning_curve"]["ema_pseudo_dice"]
+        x = np.linspace(e["iterations"] / len(curve), e["iterations"], len(curve))
+        ax2.plot(x, curve, label=k)
+    ax2.set_xlabel("training iterations")
+    ax2.set_ylabel("EMA pseudo Dice (validation cases)")
+    ax2.set_title("learning curves (first seed)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", help="a results file of benchmarks/run.py (.json)")
+    p.add_argument("--out", default=None, help="report path without extension (default: beside the results file)")
+    args = p.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    write_report(results, args.out or os.path.splitext(args.results)[0])
+
+
+if __name__ == "__main__":
+    main()
