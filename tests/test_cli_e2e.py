@@ -5,35 +5,19 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from conftest import DATASET, DATASET_ID, run, script
+from trainer_helpers import env_with_ext_trainer
 
 VARIANT = "nnSSL_MeanTeacherTrainer_2epochs_3iters_1valiters"
 
 
-def predict_test_images(workspace: str, variant: str, env: dict, preds: str) -> None:
-    """The stock nnUNetv2_predict of the synthetic test images with ``variant``'s fold 0 (CPU plans, no TTA); one
-    prediction per image."""
-    images = os.path.join(workspace, "raw", DATASET, "imagesTs")
-    run([script("nnUNetv2_predict"), "-i", images, "-o", preds, "-d", str(DATASET_ID), "-c", "3d_fullres", "-f",
-         "0", "-tr", variant, "-p", "nnUNetPlans_cpu", "-device", "cpu", "-npp", "1", "-nps", "1",
-         "--disable_tta"], env)
-    assert sorted(f for f in os.listdir(preds) if f.endswith(".nii.gz")) == sorted(
-        f.replace("_0000", "") for f in os.listdir(images))
-
-
-def _env_with_ext_trainer():
-    env = dict(os.environ)
-    export = subprocess.run([script("nnssl_trainer_path")], capture_output=True, text=True, env=env).stdout
-    assert export.startswith("export nnUNet_extTrainer=")
-    env["nnUNet_extTrainer"] = export.strip().split("=", 1)[1].strip("'\"")
-    return env
-
-
+@pytest.mark.slow
 def test_train_resume_predict_with_stock_commands(workspace, tmp_path):
-    env = _env_with_ext_trainer()
+    env = env_with_ext_trainer()
     run([script("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", VARIANT, "-p", "nnUNetPlans_cpu",
          "-device", "cpu"], env)
     out = os.path.join(workspace, "res", DATASET, f"{VARIANT}__nnUNetPlans_cpu__3d_fullres", "fold_0")
@@ -62,6 +46,7 @@ def test_train_resume_predict_with_stock_commands(workspace, tmp_path):
     assert seg.shape == (32, 32, 32) and set(np.unique(seg)) <= {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_predict_without_ext_trainer_fails_and_wrappers_work(workspace, tmp_path):
     env = dict(os.environ)
     env.pop("nnUNet_extTrainer", None)
@@ -83,6 +68,7 @@ def test_predict_without_ext_trainer_fails_and_wrappers_work(workspace, tmp_path
     assert len([f for f in os.listdir(tmp_path / "b") if f.endswith(".nii.gz")]) == 3
 
 
+@pytest.mark.slow
 def test_mean_teacher_needs_unlabeled_images_clear_cli_error(workspace):
     import json
     import shutil

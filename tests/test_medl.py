@@ -9,22 +9,22 @@ import torch
 from conftest import DATASET, DATASET_ID, run, script
 from nnssl.losses.evidential import expected_log_probs
 from nnssl.trainers import medl as medl_module
-from nnssl.trainers.medl import EvidentialPair, nnSSL_MEDLTrainer
-from test_trainers import batches, grads, make_trainer, started, started_2d
+from nnssl.networks.pair import NetworkPair
+from nnssl.trainers.medl import nnSSL_MEDLTrainer
+from trainer_helpers import batches, grads, make_trainer, started, started_2d
 
 
 def test_pair_averages_probabilities_and_heads_match(workspace):
     t = make_trainer(nnSSL_MEDLTrainer)
     t.initialize()
     pair = t.network
-    assert isinstance(pair, EvidentialPair) and type(pair.net_b).__name__ == "ResidualEncoderUNet"
+    assert isinstance(pair, NetworkPair) and type(pair.net_b).__name__ == "ResidualEncoderUNet"
     x = torch.randn(1, 1, 32, 32, 32)
     pair.eval()
     with torch.no_grad():  # two separate forward passes: compare up to float round-off of CPU kernels
         out = pair(x)
-        pair.return_both = True
-        out_a, out_b = pair(x)
-        pair.return_both = False
+        with pair.both_outputs():
+            out_a, out_b = pair(x)
     assert [o.shape for o in out_a] == [o.shape for o in out_b]  # same deep-supervision shapes
     mean = 0.5 * (expected_log_probs(out_a[0]).exp() + expected_log_probs(out_b[0]).exp())
     assert torch.allclose(torch.softmax(out[0], 1), mean, atol=1e-5)
@@ -45,7 +45,33 @@ def test_unlabeled_terms_reach_both_networks_and_total_is_their_sum(workspace):
         g_total = grads(total, params)
         g_without_fisher = grads(total - terms["unsup_weight"] * terms["fisher_loss"], params)
         assert not torch.allclose(g_total, g_without_fisher)
-    assert 0 < terms["reliability"] <= 1
+    t.on_train_end()
+
+
+def test_pseudo_label_term_has_the_papers_weight_from_the_first_step_and_options_change_the_loss(workspace):
+    """MEDL (Eq. 9) warms up only the Fisher term: at step 0 the fused pseudo-label Dice + CE has full weight."""
+    t = started(make_trainer(nnSSL_MEDLTrainer))
+    t.global_step = 0
+    _, data_l, target_l, data_u = batches(t)
+    total, terms = t.compute_loss(data_l, target_l, data_u)
+    assert terms["pseudo_label_weight"] == 1.0 and terms["unsup_weight"] == pytest.approx(np.exp(-5))
+    expected = (terms["sup_loss"] + terms["curriculum_loss"] + 1.0 * terms["pseudo_label_loss"]
+                + terms["unsup_weight"] * terms["fisher_loss"])
+    assert torch.isclose(total, expected)
+    t.warmup_pseudo_label_loss = True  # the earlier default: the whole-run ramp on the pseudo-label term too
+    total_w, terms_w = t.compute_loss(data_l, target_l, data_u)
+    assert terms_w["pseudo_label_weight"] == pytest.approx(np.exp(-5))
+    assert torch.isclose(total - total_w, (1 - np.exp(-5)) * terms["pseudo_label_loss"], rtol=1e-4)
+    t.warmup_pseudo_label_loss = False
+    t.reliability_mode, t.reliability_threshold = "mask", 0.99  # hard mask instead of the reliability weight
+    _, masked = t.compute_loss(data_l, target_l, data_u)
+    assert not torch.isclose(masked["pseudo_label_loss"], terms["pseudo_label_loss"])
+    t.reliability_mode = "weight"
+    t.global_step = t.num_epochs * t.num_iterations_per_epoch  # curriculum at its end: uncertainty matters most
+    _, own_half = t.compute_loss(data_l, target_l, data_u)
+    t.uncertainty_mix_own = 1.0  # a network's own uncertainty only, not the fused one
+    _, own_only = t.compute_loss(data_l, target_l, data_u)
+    assert not torch.isclose(own_only["curriculum_loss"], own_half["curriculum_loss"])
     t.on_train_end()
 
 
@@ -90,6 +116,7 @@ def test_2d_configuration(workspace):
     t.on_train_end()
 
 
+@pytest.mark.slow
 def test_cli_train_and_predict_average_differs_from_each_network(workspace, tmp_path):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from conftest import DATASET, DATASET_ID, script
 from nnssl.preprocessing.unlabeled import CaseError, check_case_geometry, discover_cases, preprocess_unlabeled
-from nnssl.utils import UNLABELED_MANIFEST, UserInputError
+from nnssl.data.layout import UNLABELED_MANIFEST
+from nnssl.utils import UserInputError
 
 
 def _folders(root):

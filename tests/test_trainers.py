@@ -12,47 +12,8 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from conftest import DATASET
 from nnssl.trainers.base import nnSSLTrainer
 from nnssl.trainers.mean_teacher import nnSSL_MeanTeacherTrainer
-from nnssl.utils import UNLABELED_MANIFEST
-
-
-def make_trainer(cls=nnSSL_MeanTeacherTrainer, configuration="3d_fullres", plans_name="nnUNetPlans_cpu", fold=0,
-                 epochs=2, iters=2):
-    pre = join(os.environ["nnUNet_preprocessed"], DATASET)
-    plans = load_json(join(pre, plans_name + ".json"))
-    plans["continue_training"] = False
-    trainer = cls(plans, configuration, fold, load_json(join(pre, "dataset.json")), torch.device("cpu"))
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = epochs, iters, 1
-    return trainer
-
-
-def started(trainer):
-    torch.manual_seed(0)
-    np.random.seed(0)
-    trainer.on_train_start()
-    return trainer
-
-
-def started_2d(cls, batch_size=4):
-    """A started trainer of the 2D configuration (nnU-Net's plans) with ``batch_size`` labeled and unlabeled."""
-    t = started(make_trainer(cls, configuration="2d", plans_name="nnUNetPlans"))
-    t.batch_size = t.unlabeled_batch_size_per_rank = batch_size
-    t.dataloader_train = t.get_dataloaders()[0]
-    t.dataloader_unlabeled = t.get_unlabeled_dataloader(t.unlabeled_pool)
-    return t
-
-
-def batches(trainer):
-    batch = next(trainer.dataloader_train)
-    data_l = batch["data"]
-    target_l = batch["target"]
-    data_u = next(trainer.dataloader_unlabeled)["data"]
-    return batch, data_l, target_l, data_u
-
-
-def grads(loss, params):
-    """Flat gradient of ``loss`` w.r.t. ``params`` (zeros for parameters the loss does not use)."""
-    gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in zip(gs, params)])
+from nnssl.data.layout import UNLABELED_MANIFEST
+from trainer_helpers import batches, grads, make_trainer, started, started_2d
 
 
 def test_unlabeled_term_nonzero_reaches_student_not_teacher(workspace):
@@ -107,8 +68,12 @@ def test_teacher_moves_towards_student(workspace):
 def test_unlabeled_loader_never_yields_labels_and_pool_is_right(workspace):
     t = started(make_trainer())
     batch = next(t.dataloader_unlabeled)
-    assert set(batch) == {"data", "keys"}
+    assert set(batch) == {"data", "keys", "meta"}  # no target, ever
     assert batch["data"].shape == (2, 1, 32, 32, 32)
+    assert [m["case"] for m in batch["meta"]] == list(batch["keys"])
+    for m in batch["meta"]:  # 3D: the crop in its image, no slice position
+        assert m["slice_index"] is None and m["slice_count"] is None and len(m["image_shape"]) == 3
+        assert m["pseudo_label"] is None and m["confidence"] is None
     fold = load_json(join(os.environ["nnUNet_preprocessed"], DATASET, "splits_final.json"))[0]
     expected = set(fold["unlabeled"]) | {f"synthu_{i:03d}" for i in range(6)}
     assert set(t.unlabeled_pool.identifiers) == expected
@@ -165,7 +130,11 @@ def test_2d_configuration(workspace):
     t = started_2d(nnSSL_MeanTeacherTrainer)  # the 2D plans' batch of 26 slices is more than a CPU test needs
     out = t.train_step(next(t.dataloader_train))
     assert np.isfinite(out["loss"]) and out["unsup_loss"] > 0
-    assert next(t.dataloader_unlabeled)["data"].ndim == 4
+    batch = next(t.dataloader_unlabeled)
+    assert batch["data"].ndim == 4
+    for m in batch["meta"]:  # a 2D sample knows its slice's position in its scan
+        assert m["slice_count"] == m["image_shape"][0] and 0 <= m["slice_index"] < m["slice_count"]
+        assert m["slice_index"] == m["crop_start"][0]
     t.on_train_end()
 
 
@@ -293,4 +262,176 @@ def test_other_networks_validation_can_be_switched_off(workspace):
     assert set(out) == {"loss", "tp_hard", "fp_hard", "fn_hard"}
     t.on_validation_epoch_end([out])
     assert not any(k.startswith("val_dice_") for k in t.logger.local_logger.my_fantastic_logging)
+    t.on_train_end()
+
+
+# ---------------------------------------------------------------------- the seams: toolkit, helpers, schema
+def test_hyperparameters_are_declared_once_logged_and_checkpointed(workspace, tmp_path):
+    from nnssl.trainers.hyperparameters import hyperparameter
+
+    class WithOne(nnSSL_MeanTeacherTrainer):
+        my_constant = hyperparameter(3, "a method's constant")
+
+    t = make_trainer(WithOne)
+    assert t.my_constant == 3 and WithOne.my_constant.doc == "a method's constant"
+    t.my_constant = 4  # an instance value, e.g. set by a subclass' __init__
+    assert make_trainer(WithOne).my_constant == 3  # not shared between instances
+    hp = t.ssl_hyperparameters()
+    assert hp["my_constant"] == 4 and hp["unsup_weight"] == 0.2 and hp["ema_decay"] == 0.99 and "seed" in hp
+    t.initialize()
+    path = str(tmp_path / "c.pth")
+    t.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["nnssl"]["hyperparameters"]["my_constant"] == 4
+
+
+def test_ds_loss_resizes_targets_and_follows_or_overrides_the_policy(workspace):
+    t = make_trainer()
+    t.initialize()
+    outs = [torch.zeros(1, 2, 8 // 2 ** i, 8 // 2 ** i) for i in range(len(t.loss.weight_factors))]
+    target = torch.arange(64).reshape(1, 1, 8, 8)
+    seen = []
+
+    def fn(o, y):
+        assert y.shape[2:] == o.shape[2:] and y.dtype == target.dtype  # resized, still integer
+        seen.append(y)
+        return y.float().mean()
+
+    assert t.ds_loss(fn, outs, targets=(target,)).item() == pytest.approx(31.5)  # top only by default
+    total = t.ds_loss(fn, outs, targets=(target,), deep_supervision=True)
+    assert len(seen) == 1 + sum(1 for w in t.loss.weight_factors if w != 0)
+    assert torch.equal(seen[2], target[:, :, 1::2, 1::2])  # nearest-exact: the centre voxel of each 2x2
+    assert total.item() == pytest.approx(sum(w * s.float().mean().item() for w, s in
+                                             zip(t.loss.weight_factors, seen[1:])))
+
+
+def test_step_log_schema_is_enforced_and_kinds_reach_the_logger(workspace):
+    class NoSchema(nnSSL_MeanTeacherTrainer):
+        def compute_loss(self, data_l, target_l, data_u):
+            loss, log = super().compute_loss(data_l, target_l, data_u)
+            return loss, dict(log)
+
+    t = started(make_trainer())
+    outputs = [t.train_step(next(t.dataloader_train))]
+    t.on_train_epoch_end(outputs)
+    kinds = t.logger.local_logger.kinds
+    assert kinds["sup_loss"] == kinds["unsup_loss"] == "loss" and kinds["unsup_weight"] == "schedule"
+    assert kinds["n_labeled"] == "count"
+    t.on_train_end()
+    bad = started(make_trainer(NoSchema))
+    with pytest.raises(TypeError, match="step_log"):
+        bad.train_step(next(bad.dataloader_train))
+    bad.on_train_end()
+
+
+def test_ema_teacher_helper_copies_at_start_updates_and_validates(workspace):
+    t = started(make_trainer())
+    assert t.validation_networks() == {"teacher": t.teacher}
+    for a, b in zip(t.teacher.parameters(), t.network.parameters()):
+        assert torch.equal(a, b)  # copied from the student when training starts
+    with torch.no_grad():
+        for p in t.network.parameters():
+            p.add_(1.0)
+    t.global_step = 1000
+    t._update_ema_teachers()
+    for a, b in zip(t.teacher.parameters(), t.network.parameters()):
+        assert torch.allclose(a, 0.99 * (b - 1.0) + 0.01 * b, atol=1e-6)
+    t.on_train_end()
+
+
+def test_labeled_samples_kept_include_the_forced_foreground_one(workspace, monkeypatch):
+    """nnU-Net forces foreground in the LAST sample of its batch of 2: a step with 1 labeled + 1 unlabeled sample
+    keeps that one (the first would be kept by data[:1])."""
+    class OneOne(nnSSL_MeanTeacherTrainer):
+        def batch_composition(self):
+            return 1, 1
+
+    t = started(make_trainer(OneOne))
+    assert t.batch_size == 2 and t.labeled_indices(1) == [1] and t.labeled_indices(2) == [0, 1]
+    seen = {}
+    real = t.compute_loss
+
+    def spy(data_l, target_l, data_u):
+        seen["data_l"], seen["target_l"] = data_l, target_l
+        return real(data_l, target_l, data_u)
+
+    monkeypatch.setattr(t, "compute_loss", spy)
+    batch = next(t.dataloader_train)
+    t.train_step(batch)
+    assert torch.equal(seen["data_l"], batch["data"][1:2])
+    assert torch.equal(seen["target_l"][0], batch["target"][0][1:2])
+    t.on_train_end()
+
+
+def _final_weights(trainer):
+    trainer.run_training()
+    ckpt = torch.load(join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_same_seed_same_checkpoint_other_seed_other_checkpoint(workspace, monkeypatch):
+    runs = {}
+    for name, seed, env in (("a", 0, None), ("b", None, "0"), ("c", 1, None)):
+        if env is not None:
+            monkeypatch.setenv("nnssl_seed", env)  # the environment variable, when the attribute is unset
+        else:
+            monkeypatch.delenv("nnssl_seed", raising=False)
+        torch.manual_seed(123 + len(runs))  # different global states: only the trainer's seed may matter
+        np.random.seed(123 + len(runs))
+        t = make_trainer(epochs=2, iters=2)
+        t.seed = seed
+        runs[name] = _final_weights(t)
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert a["nnssl"]["seed"] == b["nnssl"]["seed"] == 0 and c["nnssl"]["seed"] == 1
+    for part in ("network_weights",):
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items())
+        assert not all(torch.equal(v, c[part][k]) for k, v in a[part].items())
+    teacher_a, teacher_b = a["nnssl"]["modules"]["teacher"], b["nnssl"]["modules"]["teacher"]
+    assert all(torch.equal(v, teacher_b[k]) for k, v in teacher_a.items())
+
+
+def test_old_checkpoint_format_resumes_and_predicts(workspace, tmp_path):
+    """A checkpoint without what this round added (random streams, log kinds, seed) resumes with --c."""
+    t = make_trainer(epochs=1, iters=2)
+    t.run_training()
+    final = join(t.output_folder, "checkpoint_final.pth")
+    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    for key in ("rng_state", "batch_rng_state", "log_kinds", "seed"):
+        del ckpt["nnssl"][key]
+    old = str(tmp_path / "old.pth")
+    torch.save(ckpt, old)
+    r = make_trainer(epochs=2, iters=2)
+    r.load_checkpoint(old)
+    assert r.current_epoch == 1 and r.global_step == 2
+    r.run_training()
+    assert r.global_step == 4
+    assert r.logger.local_logger.kinds["unsup_loss"] == "loss"  # kinds known again once logged
+
+
+# ---------------------------------------------------------------------- Mean Teacher's faithfulness
+def test_mean_teacher_keeps_ssl4mis_ratio_of_consistency_to_supervised_gradient(workspace):
+    """SSL4MIS: 0.5 (Dice + CE) + 0.1 consistency; nnU-Net's supervised term is Dice + CE, so 0.2."""
+    t = started(make_trainer())
+    ssl4mis_supervised, ssl4mis_consistency = 0.5, 0.1
+    assert t.unsup_weight / 1.0 == pytest.approx(ssl4mis_consistency / ssl4mis_supervised)
+    t.global_step = t.num_epochs * t.num_iterations_per_epoch  # ramp at full weight
+    _, data_l, target_l, data_u = batches(t)
+    torch.manual_seed(0)
+    total, terms = t.compute_loss(data_l, target_l, data_u)
+    params = list(t.network.parameters())
+    g_total, g_sup, g_unsup = grads(total, params), grads(terms["sup_loss"], params), grads(terms["unsup_loss"], params)
+    ratio = ((g_total - g_sup) @ g_unsup) / (g_unsup @ g_unsup)
+    assert ratio.item() == pytest.approx(0.2, rel=0.05)
+    t.on_train_end()
+
+
+def test_mean_teacher_student_is_perturbed_by_its_own_noise(workspace):
+    """With a noiseless teacher equal to the student, only the student's own perturbation makes them differ."""
+    t = started(make_trainer())
+    t.teacher_noise_std = 0.0
+    _, data_l, target_l, data_u = batches(t)
+    _, with_noise = t.compute_loss(data_l, target_l, data_u)
+    t.student_noise_std = 0.0
+    _, without = t.compute_loss(data_l, target_l, data_u)
+    assert with_noise["unsup_loss"].item() > 1e-8 and without["unsup_loss"].item() < 1e-10
     t.on_train_end()

@@ -28,8 +28,9 @@ def _prepare(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight):
 
 
 def soft_dice_loss(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight: torch.Tensor = None,
-                   smooth: float = 1e-5) -> torch.Tensor:
-    """``1 - mean_k (2 sum w p_k y_k + s) / (sum w (p_k + y_k) + s)`` over the foreground classes ``k >= 1``.
+                   smooth: float = 1e-5, include_background: bool = False) -> torch.Tensor:
+    """``1 - mean_k (2 sum w p_k y_k + s) / (sum w (p_k + y_k) + s)`` over the foreground classes ``k >= 1``
+    (every class ``k >= 0`` with ``include_background``, as SSL4MIS' and ABD's ``DiceLoss``).
 
     Voxels of weight 0 do not count at all (a masked Dice); a class absent from target and prediction in the
     weighted region scores Dice 1 (loss 0) thanks to ``smooth``.
@@ -38,8 +39,9 @@ def soft_dice_loss(log_probs: torch.Tensor, target: torch.Tensor, voxel_weight: 
         scalar float32 loss in [0, 1].
     """
     log_probs, target, w = _prepare(log_probs, target, voxel_weight)
-    p = log_probs.exp()[:, 1:]
-    y = F.one_hot(target, log_probs.shape[1]).movedim(-1, 1).float()[:, 1:]
+    first = 0 if include_background else 1
+    p = log_probs.exp()[:, first:]
+    y = F.one_hot(target, log_probs.shape[1]).movedim(-1, 1).float()[:, first:]
     axes = [0] + list(range(2, p.ndim))
     intersection = (w * p * y).sum(axes)
     denominator = (w * (p + y)).sum(axes)
@@ -101,17 +103,18 @@ def mix_loss(logits: torch.Tensor, target: torch.Tensor, labeled_region: torch.T
     return total
 
 
-def cps_dice_loss(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+def cps_dice_loss(logits: torch.Tensor, other_logits: torch.Tensor, include_background: bool = False) -> torch.Tensor:
     """Cross pseudo-supervision term of ``logits``' network: soft Dice against the other network's argmax.
 
-    ``soft_dice_loss(log_softmax(logits), argmax(other_logits))``; the other network is detached, so the gradient
-    reaches ``logits``' network only (use it twice, with the roles swapped, for both directions). ABD uses Dice
-    only for its cross pseudo-supervision.
+    ``soft_dice_loss(log_softmax(logits), argmax(other_logits), include_background=...)``; the other network is
+    detached, so the gradient reaches ``logits``' network only (use it twice, with the roles swapped, for both
+    directions). ABD uses Dice only for its cross pseudo-supervision, averaged over all classes including the
+    background (``include_background = True``).
     """
     if logits.shape != other_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and other logits {tuple(other_logits.shape)} differ")
     pseudo = class_argmax(other_logits.detach())
-    return soft_dice_loss(torch.log_softmax(logits.float(), 1), pseudo)
+    return soft_dice_loss(torch.log_softmax(logits.float(), 1), pseudo, include_background=include_background)
 
 
 def soft_target_dice_kl(logits: torch.Tensor, target_probs: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
-from nnssl.ema import ema_decay_with_warmup, ema_update_
+from nnssl.data.batches import labeled_subset
 from nnssl.losses.segmentation import cps_dice_loss, mix_loss
 from nnssl.ops.displacement import llcr_displace
-from nnssl.ops.mixing import bcp_mix, box_mask, pseudo_labels, strong_intensity_view
+from nnssl.ops.mixing import bcp_mix, box_mask, strong_intensity_view
+from nnssl.ops.pseudo_labels import pseudo_labels
 from nnssl.schedules import escalate
 from nnssl.trainers.base import nnSSLTrainer
-
-
-def _top(output):
-    """The highest-resolution output of a network (deep supervision returns a list)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
+from nnssl.trainers.hyperparameters import hyperparameter
 
 
 class nnSSL_CADTrainer(nnSSLTrainer):
@@ -32,22 +25,27 @@ class nnSSL_CADTrainer(nnSSLTrainer):
     escalate over training, and the students supervise each other on the displaced images too.
 
     CAD has no public code; it extends ABD (Chi et al., CVPR 2024; chy-upc/ABD ``train_ACDC_BCP.py``), whose
-    structure this trainer follows. One step, with ``n = min(labeled, unlabeled)`` pairs:
+    structure this trainer follows. One step, with ``n = min(labeled, unlabeled)`` pairs (the labeled samples
+    kept include nnU-Net's forced-foreground share, :func:`nnssl.data.batches.labeled_subset`):
 
     1. teacher (EMA of student 1) pseudo-labels of the unlabeled patches: argmax, largest connected component per
        class (:func:`nnssl.ops.mixing.pseudo_labels`);
     2. BCP mix (:func:`nnssl.ops.mixing.bcp_mix`): one random box of ``copy_paste_box_fraction`` of each axis,
        half of the pairs paste the labeled patch's box into the unlabeled patch, the other half the unlabeled box
        into the labeled patch; student 1 sees the mixed images, student 2 a strong intensity view of them;
-    3. each student: ``mix_loss_weight`` x BCP's mix loss (Dice + CE, weight 1 on ground-truth voxels,
-       ``pseudo_label_weight`` on pseudo-labeled voxels; nnU-Net's deep supervision with the mixed targets
-       downsampled like nnU-Net's), plus cross pseudo-supervision (Dice against the other student's argmax);
+    3. each student: ``mix_loss_weight`` x BCP's mix loss summed over the inward and the outward half of the
+       pairs (each half's Dice + CE, weight 1 on ground-truth voxels, ``pseudo_label_weight`` on pseudo-labeled
+       voxels; nnU-Net's deep supervision with the mixed targets downsampled like nnU-Net's): ABD's
+       ``(dice_in + dice_out + ce_in + ce_out) / 2``; plus cross pseudo-supervision (Dice against the other
+       student's argmax, all classes including the background, as ABD's ``DiceLoss``);
     4. Largest Low-Confidence Region Replacement (:func:`nnssl.ops.displacement.llcr_displace`) between the two
        views with the current Dynamic Threshold Escalation values; both students predict both displaced views and
        supervise each other (Dice against the other's argmax).
 
     ``loss = mix_loss_weight (mix_1 + mix_2) + w(t) cps_weight (cps_1 + cps_2 + cps_displaced_1 + cps_displaced_2)``
-    with ``w(t)`` the base's ramp; ABD: ``(Dice + CE)/2 + cps + cps_displaced`` per student.
+    with ``mix_i = mix_i,in + mix_i,out`` and ``w(t)`` the base's ramp; ABD:
+    ``(dice_in + dice_out + ce_in + ce_out) / 2 + cps + cps_displaced`` per student. Logged: ``sup_loss`` = the
+    mix loss (it carries the ground truth), ``unsup_loss`` = all cross pseudo-supervision terms.
 
     Inference (stock ``nnUNetv2_predict``): student 1 (``network_weights``), as ABD's ``Inference_model1``; the
     teacher is checkpointed under ``nnssl/modules/teacher`` and student 2 under ``nnssl/modules/student_2``. The
@@ -57,8 +55,10 @@ class nnSSL_CADTrainer(nnSSLTrainer):
     Attributes:
         pseudo_label_weight: weight of pseudo-labeled voxels in the mix loss (BCP/ABD ``u_weight`` 0.5), times the
             ramp ``w(t)``.
-        mix_loss_weight: weight of each student's mix loss (ABD 0.5: ``(Dice + CE) / 2``).
+        mix_loss_weight: weight of each student's mix loss summed over the two halves (ABD 0.5).
         cps_weight: weight of each cross pseudo-supervision term (ABD 1).
+        cps_include_background: the cross pseudo-supervision Dice averages all classes including the background
+            (True, ABD's ``DiceLoss``) or the foreground classes only (nnU-Net's Dice).
         copy_paste_box_fraction: BCP box side per axis as a share of the patch (2/3).
         pseudo_label_largest_component: keep the largest component per class of the teacher's argmax (True).
         ema_decay: teacher EMA decay (0.99, with the warm-up ``min(1 - 1/(t+1), 0.99)``).
@@ -90,38 +90,40 @@ class nnSSL_CADTrainer(nnSSLTrainer):
       (ABD's argmax/argmin branch); ABD's alternative top-k KL matching is not used.
     - A low-confidence component's bounding box larger than the current maximum is shrunk around the component's
       least confident voxel; the search runs on pooled confidence maps (``region_search_max_voxels``).
-    - Dice terms are nnU-Net's (foreground classes, batch Dice); SSL4MIS/ABD's Dice includes the background.
+    - The mix loss's Dice is nnU-Net's (foreground classes, batch Dice; ABD's includes the background and squares
+      the denominator); the cross pseudo-supervision Dice includes the background like ABD's (for binary data a
+      foreground-only Dice is a different loss) but keeps nnU-Net's unsquared denominator (for one-hot targets
+      only ``p^2`` vs ``p`` differs).
+    - Before the faithfulness review the mix loss was averaged over the two halves (half ABD's weight against
+      the cross pseudo-supervision terms), the CPS Dice was foreground-only, and the labeled samples beyond the
+      unlabeled count were the forced-foreground ones dropped; the HC18 row of the benchmark up to then was
+      measured with that.
     - Regions (``regions_class_order``) and ignore labels are not supported: a clear error at initialisation.
     """
 
-    HYPERPARAMETERS = nnSSLTrainer.HYPERPARAMETERS + (
-        "pseudo_label_weight", "mix_loss_weight", "cps_weight", "copy_paste_box_fraction",
-        "pseudo_label_largest_component", "ema_decay", "strong_view", "strong_contrast_range", "strong_noise_std",
-        "displacement_threshold_start", "displacement_threshold_end", "displacement_max_fraction_start",
-        "displacement_max_fraction_end", "displacement_schedule_shape", "region_connectivity",
-        "region_search_max_voxels")
+    pseudo_label_weight = hyperparameter(0.5, "weight of pseudo-labeled voxels in the mix loss (BCP/ABD u_weight)")
+    mix_loss_weight = hyperparameter(0.5, "weight of each student's mix loss summed over both halves (ABD 0.5)")
+    cps_weight = hyperparameter(1.0, "weight of each cross pseudo-supervision term (ABD 1)")
+    cps_include_background = hyperparameter(True, "CPS Dice over all classes including background (ABD)")
+    copy_paste_box_fraction = hyperparameter(2.0 / 3.0, "BCP box side per axis, share of the patch (BCP 2/3)")
+    pseudo_label_largest_component = hyperparameter(True, "largest component per class of the teacher's argmax")
+    ema_decay = hyperparameter(0.99, "teacher EMA decay (ABD 0.99, with the warm-up)")
+    strong_view = hyperparameter(True, "student 2 sees a strong intensity view of the mixed images")
+    strong_contrast_range = hyperparameter((0.75, 1.25), "contrast factor range of the strong view")
+    strong_noise_std = hyperparameter(0.1, "Gaussian noise std of the strong view (z-scored intensities)")
+    displacement_threshold_start = hyperparameter(0.80, "LLCR confidence threshold at the start (CAD: open)")
+    displacement_threshold_end = hyperparameter(0.95, "LLCR confidence threshold at the end (CAD: open)")
+    displacement_max_fraction_start = hyperparameter(1.0 / 16.0, "max replaced share of a patch at the start")
+    displacement_max_fraction_end = hyperparameter(1.0 / 4.0, "max replaced share of a patch at the end")
+    displacement_schedule_shape = hyperparameter("linear", "shape of Dynamic Threshold Escalation")
+    region_connectivity = hyperparameter(None, "connectivity of low-confidence components (None: full)")
+    region_search_max_voxels = hyperparameter(32768, "confidence maps pooled to about this many voxels (0: none)")
+    unsup_weight = hyperparameter(1.0, "maximum of the ramp on pseudo-label terms")
+    unsup_rampup_fraction = hyperparameter(0.25, "the ramp spans this share of training (BCP's pre-training share)")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.unsup_weight = 1.0
-        self.unsup_rampup_fraction = 0.25
-        self.pseudo_label_weight = 0.5
-        self.mix_loss_weight = 0.5
-        self.cps_weight = 1.0
-        self.copy_paste_box_fraction = 2.0 / 3.0
-        self.pseudo_label_largest_component = True
-        self.ema_decay = 0.99
-        self.strong_view = True
-        self.strong_contrast_range = (0.75, 1.25)
-        self.strong_noise_std = 0.1
-        self.displacement_threshold_start = 0.80
-        self.displacement_threshold_end = 0.95
-        self.displacement_max_fraction_start = 1.0 / 16.0
-        self.displacement_max_fraction_end = 1.0 / 4.0
-        self.displacement_schedule_shape = "linear"
-        self.region_connectivity = None
-        self.region_search_max_voxels = 32768
         self.student_2 = None
         self.teacher = None
 
@@ -130,34 +132,12 @@ class nnSSL_CADTrainer(nnSSLTrainer):
         if self.label_manager.has_regions or self.label_manager.has_ignore_label:
             raise RuntimeError(f"{type(self).__name__} needs plain class labels: region-based training and ignore "
                                f"labels are not supported (copy-paste mixes hard label maps)")
-        student_2 = self.build_network_architecture(self.plans_manager, self.configuration_manager,
-                                                    self.num_input_channels,
-                                                    self.label_manager.num_segmentation_heads,
-                                                    self.enable_deep_supervision)
-        if self._do_i_compile():
-            student_2 = torch.compile(student_2)
-        self.student_2 = self.register_ssl_module("student_2", student_2)
-        optimizer = torch.optim.SGD(self.student_2.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
-        self.register_ssl_optimizer("student_2", optimizer, PolyLRScheduler(optimizer, self.initial_lr,
-                                                                            self.num_epochs))
-        self.teacher = self.register_ssl_module("teacher", self.make_ema_copy())
-
-    def on_ssl_train_start(self, resumed: bool) -> None:
-        if not resumed:  # -pretrained_weights are loaded into student 1 after initialize()
-            ema_update_(self.teacher, self.unwrapped_network, 0.0)
-
-    def validation_networks(self):
-        return {"teacher": self.teacher, "student_2": self.student_2}
-
-    def after_optimizer_step(self) -> None:
-        ema_update_(self.teacher, self.unwrapped_network, ema_decay_with_warmup(self.global_step, self.ema_decay))
+        self.student_2 = self.add_network("student_2", self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision))
+        self.teacher = self.add_ema_teacher(self.ema_decay)  # of student 1, the deployed network
 
     # ------------------------------------------------------------------ schedules
-    def training_progress(self) -> float:
-        """Share of the training's optimizer steps done, in [0, 1]."""
-        return min(1.0, self.global_step / max(1, self.num_epochs * self.num_iterations_per_epoch))
-
     def displacement_schedule(self):
         """(confidence threshold, maximum replaced fraction) now: Dynamic Threshold Escalation."""
         p = self.training_progress()
@@ -167,21 +147,19 @@ class nnSSL_CADTrainer(nnSSLTrainer):
                          self.displacement_schedule_shape))
 
     # ------------------------------------------------------------------ loss
-    def _mix_loss(self, output, target: torch.Tensor, labeled_region: torch.Tensor, pseudo_weight: float):
-        """BCP mix loss under nnU-Net's deep supervision: targets and regions downsampled like nnU-Net's."""
-        def at(out):
-            if out.shape[2:] == target.shape[2:]:
-                return mix_loss(out, target, labeled_region, 1.0, pseudo_weight)
-            t = F.interpolate(target.float(), size=out.shape[2:], mode="nearest-exact").long()
-            r = F.interpolate(labeled_region, size=out.shape[2:], mode="nearest-exact")
+    def mix_loss_halves(self, output, target: torch.Tensor, labeled_region: torch.Tensor, pseudo_weight: float,
+                        n_in: int) -> torch.Tensor:
+        """ABD's mix loss of one student: BCP's mix loss of the inward pairs plus that of the outward pairs,
+        each under nnU-Net's deep supervision (targets and regions downsampled like nnU-Net's)."""
+        def fn(out, t, r):
             return mix_loss(out, t, r, 1.0, pseudo_weight)
 
-        if not isinstance(output, (list, tuple)):
-            return at(output)
-        total = 0.0
-        for w, out in zip(self.loss.weight_factors, output):
-            if w != 0:
-                total = total + w * at(out)
+        total = self.zero()
+        for half in (slice(0, n_in), slice(n_in, target.shape[0])):
+            if half.stop > half.start:
+                out = [o[half] for o in output] if isinstance(output, (list, tuple)) else output[half]
+                total = total + self.ds_loss(fn, out, targets=(target[half], labeled_region[half]),
+                                             deep_supervision=True)
         return total
 
     def _sync(self) -> None:
@@ -191,30 +169,34 @@ class nnSSL_CADTrainer(nnSSLTrainer):
     def compute_loss(self, data_l, target_l, data_u):
         n = min(data_l.shape[0], data_u.shape[0])
         ramp = self.current_unsup_weight()
-        zero = torch.zeros((), device=self.device)
         if n == 0:  # no labeled/unlabeled pair in this step: nnU-Net's supervised loss for both students
             sup = self.loss(self.network(data_l), target_l) + self.loss(self.student_2(data_l), target_l)
-            return sup, {"mix_loss": zero, "cps_loss": zero, "displaced_cps_loss": zero, "unsup_weight": ramp}
-        y_top = target_l[0] if isinstance(target_l, (list, tuple)) else target_l
-        x_l, y_l, x_u = data_l[:n], y_top[:n].long(), data_u[:n]
+            log = self.step_log(sup, self.zero(), ramp)
+            for name in ("cps_loss", "displaced_cps_loss"):
+                log.loss(name, self.zero())
+            return sup, log
+        keep = labeled_subset(data_l.shape[0], self.forced_foreground_count(data_l.shape[0]), n)
+        x_l, y_l, x_u = data_l[keep], self.top_target(target_l)[keep].long(), data_u[:n]
 
         with torch.no_grad():
-            teacher_logits = _top(self.teacher(x_u))
+            teacher_logits = self.top(self.teacher(x_u))
             self._sync()
             t0 = time.perf_counter()
             plab = pseudo_labels(teacher_logits, self.pseudo_label_largest_component, self.region_connectivity)
             pseudo_label_s = time.perf_counter() - t0
         mask = box_mask(x_l.shape[2:], self.copy_paste_box_fraction, device=self.device)
-        x_mix, y_mix, labeled_region = bcp_mix(x_l, y_l, x_u, plab, mask)
+        n_in = (n + 1) // 2
+        x_mix, y_mix, labeled_region = bcp_mix(x_l, y_l, x_u, plab, mask, n_in)
         x_mix_2 = (strong_intensity_view(x_mix, self.strong_contrast_range, self.strong_noise_std)
                    if self.strong_view else x_mix)
 
         out_1, out_2 = self.network(x_mix), self.student_2(x_mix_2)
         pseudo_weight = self.pseudo_label_weight * ramp
-        mix = (self._mix_loss(out_1, y_mix, labeled_region, pseudo_weight)
-               + self._mix_loss(out_2, y_mix, labeled_region, pseudo_weight))
-        top_1, top_2 = _top(out_1), _top(out_2)
-        cps = cps_dice_loss(top_1, top_2) + cps_dice_loss(top_2, top_1)
+        mix = (self.mix_loss_halves(out_1, y_mix, labeled_region, pseudo_weight, n_in)
+               + self.mix_loss_halves(out_2, y_mix, labeled_region, pseudo_weight, n_in))
+        top_1, top_2 = self.top(out_1), self.top(out_2)
+        bg = self.cps_include_background
+        cps = cps_dice_loss(top_1, top_2, bg) + cps_dice_loss(top_2, top_1, bg)
 
         threshold, max_fraction = self.displacement_schedule()
         with torch.no_grad():
@@ -226,12 +208,12 @@ class nnSSL_CADTrainer(nnSSLTrainer):
                                                  self.region_search_max_voxels, self.region_connectivity)
             region_search_s = time.perf_counter() - t0
         x_d = torch.cat((x_d1, x_d2))
-        d_1, d_2 = _top(self.network(x_d)), _top(self.student_2(x_d))
-        cps_d = cps_dice_loss(d_1, d_2) + cps_dice_loss(d_2, d_1)
+        d_1, d_2 = self.top(self.network(x_d)), self.top(self.student_2(x_d))
+        cps_d = cps_dice_loss(d_1, d_2, bg) + cps_dice_loss(d_2, d_1, bg)
 
         total = self.mix_loss_weight * mix + ramp * self.cps_weight * (cps + cps_d)
-        terms: Dict[str, object] = {
-            "mix_loss": mix, "cps_loss": cps, "displaced_cps_loss": cps_d, "unsup_weight": ramp,
-            "displacement_threshold": threshold, "displacement_max_fraction": max_fraction,
-            "replaced_fraction": replaced, "region_search_s": region_search_s, "pseudo_label_s": pseudo_label_s}
-        return total, terms
+        log = self.step_log(mix, cps + cps_d, ramp).loss("cps_loss", cps).loss("displaced_cps_loss", cps_d)
+        log.schedule("displacement_threshold", threshold).schedule("displacement_max_fraction", max_fraction)
+        log.metric("replaced_fraction", replaced)
+        log.timing("region_search_s", region_search_s).timing("pseudo_label_s", pseudo_label_s)
+        return total, log

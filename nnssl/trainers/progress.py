@@ -1,34 +1,82 @@
-"""nnU-Net's local logger with the semi-supervised terms: one value per epoch, plotted in progress.png."""
+"""The log schema of a semi-supervised step, and nnU-Net's local logger that plots it in progress.png.
+
+Every method's ``compute_loss`` returns a :class:`StepLog`: ``sup_loss``, ``unsup_loss`` and ``unsup_weight``
+always, plus the method's extras, each with its kind. The kind, never the name, decides where a value is drawn.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Dict
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-NNUNET_KEYS = ("mean_fg_dice", "ema_fg_dice", "dice_per_class_or_region", "train_losses", "val_losses", "lrs",
-               "epoch_start_timestamps", "epoch_end_timestamps")
-# SSL keys are plotted by kind: counts (``n_*``), schedules (names with these markers) and losses (the rest)
-SCHEDULE_MARKERS = ("weight", "decay", "ratio", "threshold", "share")
+# kinds of logged values
+LOSS = "loss"          # a loss term (before its weight); drawn with the losses
+SCHEDULE = "schedule"  # a weight, ramp, threshold or share that follows the training's progress
+COUNT = "count"        # samples per step
+METRIC = "metric"      # a diagnostic of the step (agreement, reliability, replaced share, ...)
+TIMING = "timing"      # seconds spent in a part of the step
+VAL_DICE = "val_dice"  # validation pseudo-Dice of another network (``validation_networks``)
+KINDS = (LOSS, SCHEDULE, COUNT, METRIC, TIMING, VAL_DICE)
+STEP_SCHEMA = ("sup_loss", "unsup_loss", "unsup_weight")  # every method's step logs these
 VAL_DICE_PREFIX = "val_dice_"  # validation pseudo-Dice of a trainer's other networks (``validation_networks``)
 
 
-class SSLLocalLogger(LocalLogger):
-    """``LocalLogger`` that accepts new keys (SSL terms) and adds a panel for them to progress.png.
+class StepLog(dict):
+    """Name -> value (tensor or float) of one training step, with each name's kind in :attr:`kinds`.
 
-    A key first logged at epoch ``e > 0`` is back-filled with NaN for epochs ``0..e-1`` so that every list keeps
-    one value per epoch (nnU-Net's plot relies on that).
+    Made by ``nnSSLTrainer.step_log(sup_loss, unsup_loss, unsup_weight)``, which fills the schema every method
+    shares (:data:`STEP_SCHEMA`): ``sup_loss`` (the labeled terms), ``unsup_loss`` (the unlabeled terms before
+    their weight) and ``unsup_weight`` (the unlabeled weight now). A method adds its extras with
+    :meth:`loss`, :meth:`schedule`, :meth:`metric` and :meth:`timing`.
     """
 
-    def register(self, key: str, epoch: int) -> None:
+    def __init__(self):
+        super().__init__()
+        self.kinds: Dict[str, str] = {}
+
+    def add(self, kind: str, name: str, value) -> "StepLog":
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} for {name!r}; expected one of {KINDS}")
+        self[name] = value
+        self.kinds[name] = kind
+        return self
+
+    def loss(self, name: str, value) -> "StepLog":
+        return self.add(LOSS, name, value)
+
+    def schedule(self, name: str, value) -> "StepLog":
+        return self.add(SCHEDULE, name, value)
+
+    def metric(self, name: str, value) -> "StepLog":
+        return self.add(METRIC, name, value)
+
+    def timing(self, name: str, seconds: float) -> "StepLog":
+        return self.add(TIMING, name, seconds)
+
+
+class SSLLocalLogger(LocalLogger):
+    """``LocalLogger`` that accepts new keys of a known kind (SSL terms) and draws them by kind in progress.png.
+
+    A key first logged at epoch ``e > 0`` is back-filled with NaN for epochs ``0..e-1`` so that every list keeps
+    one value per epoch (nnU-Net's plot relies on that). Keys logged without a kind (e.g. the budget variants'
+    ``train_phase_seconds``) are kept but not drawn. :attr:`kinds` is checkpointed by the trainer.
+    """
+
+    def __init__(self, verbose: bool = False):
+        super().__init__(verbose)
+        self.kinds: Dict[str, str] = {}
+
+    def register(self, key: str, epoch: int, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} for {key!r}; expected one of {KINDS}")
+        self.kinds[key] = kind
         if key not in self.my_fantastic_logging:
             self.my_fantastic_logging[key] = [math.nan] * epoch
 
-    def ssl_keys(self) -> list:
-        # timings (e.g. the budget variants' train_phase_seconds) are not semi-supervised terms, and the extra
-        # networks' validation pseudo-Dice (val_dice_<name>) is drawn beside nnU-Net's
-        return [k for k in self.my_fantastic_logging if k not in NNUNET_KEYS and not k.endswith("_seconds")
-                and not k.startswith(VAL_DICE_PREFIX)]
+    def keys_of(self, kind: str) -> list:
+        return [k for k in self.my_fantastic_logging if self.kinds.get(k) == kind]
 
     def plot_progress_png(self, output_folder: str) -> None:
         import matplotlib
@@ -41,9 +89,9 @@ class SSLLocalLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        ssl = self.ssl_keys()
+        ssl = any(kind != VAL_DICE for kind in self.kinds.values())
         sns.set(font_scale=2.5)
-        fig, axes = plt.subplots(5 if ssl else 3, 1, figsize=(30, 90 if ssl else 54))
+        fig, axes = plt.subplots(6 if ssl else 3, 1, figsize=(30, 108 if ssl else 54))
 
         ax = axes[0]
         ax2 = ax.twinx()
@@ -51,7 +99,7 @@ class SSLLocalLogger(LocalLogger):
         ax.plot(x, log["val_losses"][:epoch + 1], color="r", ls="-", label="loss_val", linewidth=4)
         ax2.plot(x, log["mean_fg_dice"][:epoch + 1], color="g", ls="dotted", label="pseudo dice", linewidth=3)
         ax2.plot(x, log["ema_fg_dice"][:epoch + 1], color="g", ls="-", label="pseudo dice (mov. avg.)", linewidth=4)
-        for k in (k for k in log if k.startswith(VAL_DICE_PREFIX)):
+        for k in self.keys_of(VAL_DICE):
             ax2.plot(x, log[k][:epoch + 1], ls="dashdot", label=f"pseudo dice {k[len(VAL_DICE_PREFIX):]}",
                      linewidth=3)
         ax.set_xlabel("epoch")
@@ -76,13 +124,14 @@ class SSLLocalLogger(LocalLogger):
         ax.legend(loc=(0, 1))
 
         if ssl:
-            counts = [k for k in ssl if k.startswith("n_")]
-            schedules = [k for k in ssl if k not in counts and any(m in k for m in SCHEDULE_MARKERS)]
-            losses = [k for k in ssl if k not in counts and k not in schedules]
-            # supervised loss on the left axis, the (much smaller) unlabeled terms on the right
+            losses = self.keys_of(LOSS)
+            # supervised loss on the left axis, the (often much smaller) other terms on the right
             self._panel(axes[3], x, epoch, [k for k in losses if k == "sup_loss"],
-                        [k for k in losses if k != "sup_loss"], "supervised loss", "unlabeled terms")
-            self._panel(axes[4], x, epoch, schedules, counts, "weights / schedules", "samples per step")
+                        [k for k in losses if k != "sup_loss"], "supervised loss", "other loss terms")
+            self._panel(axes[4], x, epoch, self.keys_of(SCHEDULE), self.keys_of(COUNT), "weights / schedules",
+                        "samples per step")
+            self._panel(axes[5], x, epoch, self.keys_of(METRIC), self.keys_of(TIMING), "diagnostics",
+                        "seconds per step")
 
         plt.tight_layout()
         fig.savefig(f"{output_folder}/progress.png")

@@ -45,16 +45,17 @@ def parse_variant_name(name: str) -> Optional[tuple]:
 
 
 def _find_base_trainer(name: str) -> Optional[type]:
-    """An nnssl trainer or an nnU-Net in-tree trainer called ``name`` (never searches nnUNet_extTrainer)."""
+    """An nnssl trainer (:mod:`nnssl.trainers.registry`) or an nnU-Net in-tree trainer called ``name`` (never
+    searches nnUNet_extTrainer)."""
     import nnunetv2
     from nnunetv2.utilities.find_objects import recursive_find_python_class
 
-    here = os.path.dirname(__file__)
-    cls = recursive_find_python_class(here, name, current_module="nnssl.trainers")
-    if cls is None:
-        tree = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
-        cls = recursive_find_python_class(tree, name, current_module="nnunetv2.training.nnUNetTrainer")
-    return cls
+    from nnssl.trainers.registry import TRAINERS, trainer_class
+
+    if name in TRAINERS:
+        return trainer_class(name)
+    tree = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+    return recursive_find_python_class(tree, name, current_module="nnunetv2.training.nnUNetTrainer")
 
 
 def budget_variant(name: str) -> Optional[Type]:
