@@ -33,6 +33,7 @@ setup(
             "nnssl_train=nnssl.commands.wrappers:train",
             "nnssl_predict=nnssl.commands.wrappers:predict",
             "nnssl_preprocess_unlabeled=nnssl.preprocessing.unlabeled:main",
+            "nnssl_verify_dataset=nnssl.preprocessing.verify:main",
             "nnssl_make_split=nnssl.preprocessing.splits:main",
             "nnssl_make_cpu_plans=nnssl.plans.cpu_plans:main",
             "nnssl_demo=nnssl.commands.demo:main",

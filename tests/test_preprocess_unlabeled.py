@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DATASET, DATASET_ID, script
-from nnssl.preprocessing.unlabeled import CaseError, check_case_geometry, discover_cases, preprocess_unlabeled
+from nnssl.preprocessing.unlabeled import CaseError, check_case, discover_cases, preprocess_unlabeled
 from nnssl.data.layout import UNLABELED_MANIFEST
 from nnssl.utils import UserInputError
 
@@ -88,7 +88,7 @@ def test_unreadable_image_reported_and_others_kept(workspace):
     src, out, _ = _folders(workspace)
     with open(os.path.join(src, "broken_0000.nii.gz"), "wb") as f:
         f.write(b"this is not a nifti file")
-    with pytest.raises(UserInputError, match="case broken: cannot be read"):
+    with pytest.raises(UserInputError, match="case broken: broken_0000.nii.gz: corrupt gzip data"):
         preprocess_unlabeled(DATASET_ID, ["3d_fullres"], progress=False)
     manifest = json.load(open(os.path.join(out, UNLABELED_MANIFEST)))
     assert "broken" not in manifest["cases"] and len(manifest["cases"]) == 6
@@ -113,11 +113,11 @@ def test_channel_geometry_check(tmp_path):
     _write(a)
     _write(b, shape=(32, 32, 30))
     _write(c, spacing=(1.0, 1.0, 2.0))
-    check_case_geometry(SimpleITKIO(), "case", [a, a])
-    with pytest.raises(CaseError, match="case case: case_0001.nii.gz has shape"):
-        check_case_geometry(SimpleITKIO(), "case", [a, b])
-    with pytest.raises(CaseError, match="has spacing"):
-        check_case_geometry(SimpleITKIO(), "case", [a, c])
+    check_case(SimpleITKIO(), "case", [a, a])
+    with pytest.raises(CaseError, match="case case: case_0001.nii.gz: shape"):
+        check_case(SimpleITKIO(), "case", [a, b])
+    with pytest.raises(CaseError, match="case_0002.nii.gz: spacing"):
+        check_case(SimpleITKIO(), "case", [a, c])
 
 
 def test_discover_cases_multichannel(tmp_path):

@@ -10,6 +10,12 @@ That folder holds a manifest, ``nnssl_unlabeled.json``: the cases that were writ
 were made with and a fingerprint of the preprocessing-relevant part of those plans. A case is valid only once it
 is listed there, so an interrupted run never leaves a case that a trainer would mistake for good data; the next
 run redoes it. Cases already listed are skipped unless ``--overwrite`` is given.
+
+Each image is checked before it is written (:func:`nnssl.preprocessing.verify.inspect_file`: read to its end,
+finite voxels, positive spacing, the dataset's dimensionality, channels on one grid). A case that fails is
+neither written nor listed; the failures are reported together at the end, after every good case was written
+(exit code 2), and a constant image is written with a warning. ``nnssl_verify_dataset`` runs the same checks on
+the whole dataset, and also finds unlabeled images that are copies of validation or test images.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import re
 import shutil
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnssl.data.layout import (UNLABELED_MANIFEST, UNLABELED_RAW_FOLDER, preprocessing_fingerprint,
                                unlabeled_preprocessed_folder)
+from nnssl.preprocessing.verify import ERROR, WARNING, check_same_grid, inspect_file, list_cases
 from nnssl.utils import (UserInputError, atomic_write_json, dataset_name, load_json_or_none, require_env,
                          run_command)
 
@@ -53,80 +59,61 @@ def discover_cases(folder: str, file_ending: str, num_channels: int) -> Dict[str
     if not os.path.isdir(folder):
         raise UserInputError(f"unlabeled image folder {folder} does not exist (put unlabeled images there with "
                              f"nnU-Net's naming case_0000{file_ending}, or give another folder with -i)")
-    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
-    problems: List[str] = []
-    channels: Dict[str, Dict[int, str]] = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        if not name.endswith(file_ending):
-            problems.append(f"{name}: does not have the dataset's file ending {file_ending}")
-            continue
-        m = pattern.match(name)
-        if m is None:
-            problems.append(f"{name}: name must be <case>_XXXX{file_ending} with a 4-digit channel index")
-            continue
-        channels.setdefault(m.group(1), {})[int(m.group(2))] = path
-    if not channels and not problems:
+    cases, problems = list_cases(folder, file_ending, num_channels)
+    if not cases and not problems:
         raise UserInputError(f"unlabeled image folder {folder} contains no images ending in {file_ending}")
-    expected = set(range(num_channels))
-    for case, chans in channels.items():
-        missing, extra = sorted(expected - set(chans)), sorted(set(chans) - expected)
-        if missing:
-            problems.append(f"case {case}: missing channel(s) " + ", ".join(f"{c:04d}" for c in missing) +
-                            f" (dataset.json has {num_channels} channel(s))")
-        if extra:
-            problems.append(f"case {case}: unexpected channel(s) " + ", ".join(f"{c:04d}" for c in extra) +
-                            f" (dataset.json has {num_channels} channel(s))")
     if problems:
-        raise UserInputError(f"{len(problems)} problem(s) in {folder}:\n  " + "\n  ".join(problems))
-    return {case: [chans[c] for c in range(num_channels)] for case, chans in sorted(channels.items())}
+        raise UserInputError(f"{len(problems)} problem(s) in {folder}:\n  " +
+                             "\n  ".join(f"{os.path.relpath(p.file, folder)}: {p.message}" for p in problems))
+    return cases
 
 
-def check_case_geometry(reader_writer, case: str, files: Sequence[str]) -> None:
-    """Read each channel on its own and check that all channels share shape and spacing.
+def check_case(reader_writer, case: str, files: Sequence[str], expected_dim: Optional[int] = None) -> List[str]:
+    """Read each channel of a case completely and check it (:func:`nnssl.preprocessing.verify.inspect_file`) and
+    that all channels share one voxel grid.
+
+    Returns:
+        Warnings (``"case <case>: <file>: <problem>"``), e.g. a constant image.
 
     Raises:
-        CaseError: when a file cannot be read or the channels disagree.
+        CaseError: naming every error found (a truncated or unreadable file, NaN or Inf voxels, a spacing that is
+            not positive, another dimensionality than the dataset's, channels on different grids).
     """
-    shapes, spacings = [], []
-    for f in files:
-        try:
-            data, props = reader_writer.read_images([f])
-        except Exception as e:  # readers raise anything from RuntimeError to OSError
-            raise CaseError(f"case {case}: cannot read {os.path.basename(f)} ({type(e).__name__}: {e})") from None
-        shapes.append(tuple(data.shape[1:]))
-        spacings.append(tuple(round(float(s), 6) for s in props["spacing"]))
-    for f, shape, spacing in zip(files[1:], shapes[1:], spacings[1:]):
-        if shape != shapes[0]:
-            raise CaseError(f"case {case}: {os.path.basename(f)} has shape {shape} but "
-                            f"{os.path.basename(files[0])} has {shapes[0]}")
-        if spacing != spacings[0]:
-            raise CaseError(f"case {case}: {os.path.basename(f)} has spacing {spacing} but "
-                            f"{os.path.basename(files[0])} has {spacings[0]}")
+    reports = [inspect_file(f, reader_writer, expected_dim) for f in files]
+    problems = [p for r in reports for p in r.problems] + check_same_grid(reports)
+    text = {severity: [f"{os.path.basename(p.file)}: {p.message}" for p in problems if p.severity == severity]
+            for severity in (ERROR, WARNING)}
+    if text[ERROR]:
+        raise CaseError(f"case {case}: " + "; ".join(text[ERROR]))
+    return [f"case {case}: {t}" for t in text[WARNING]]
+
+
+def _dataset_dimensionality(preprocessed_base: str, reader_writer, file_ending: str) -> Optional[int]:
+    """Dimensionality of the dataset's labeled images (from one of nnU-Net's ``gt_segmentations``), or None."""
+    gt = os.path.join(preprocessed_base, "gt_segmentations")
+    labels = sorted(f for f in os.listdir(gt) if f.endswith(file_ending)) if os.path.isdir(gt) else []
+    return inspect_file(os.path.join(gt, labels[0]), reader_writer, is_label=True).dim if labels else None
 
 
 def preprocess_case(case: str, files: List[str], output_folder: str, plans: dict, configuration: str,
-                    dataset_json: dict) -> dict:
-    """Preprocess one unlabeled case with nnU-Net's preprocessor of the configuration and save it (Blosc2).
+                    dataset_json: dict, expected_dim: Optional[int] = None) -> Tuple[dict, List[str]]:
+    """Check one unlabeled case (:func:`check_case`), preprocess it with nnU-Net's preprocessor of the
+    configuration and save it (Blosc2); nothing is written for a case that fails its checks.
 
     The properties get an empty ``class_locations`` (nnU-Net's loader looks the key up for every crop).
 
     Returns:
-        A manifest entry for the case.
+        A manifest entry for the case, and the checks' warnings.
 
     Raises:
-        CaseError: when the case cannot be read, its channels disagree, or preprocessing fails.
+        CaseError: when the case fails its checks or preprocessing fails.
     """
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2, comp_blosc2_params
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
-    rw = pm.image_reader_writer_class()
-    if len(files) > 1:
-        check_case_geometry(rw, case, files)
+    warnings_found = check_case(pm.image_reader_writer_class(), case, files, expected_dim)
     preprocessor = cm.preprocessor_class(verbose=False)
     try:
         data, seg, properties = preprocessor.run_case(files, None, pm, cm, dataset_json)
@@ -142,15 +129,16 @@ def preprocess_case(case: str, files: List[str], output_folder: str, plans: dict
             os.remove(os.path.join(output_folder, leftover))
     nnUNetDatasetBlosc2.save_case(data, seg, properties, os.path.join(output_folder, case), chunks=chunks,
                                   blocks=blocks, chunks_seg=chunks_seg, blocks_seg=blocks_seg)
-    return {"source_files": [os.path.abspath(f) for f in files], "shape": [int(i) for i in data.shape[1:]]}
+    return ({"source_files": [os.path.abspath(f) for f in files], "shape": [int(i) for i in data.shape[1:]]},
+            warnings_found)
 
 
 def _preprocess_case_worker(args) -> tuple:
     case = args[0]
     try:
-        return case, preprocess_case(*args), None
+        return (case, *preprocess_case(*args), None)
     except CaseError as e:
-        return case, None, str(e)
+        return case, None, [], str(e)
 
 
 def _labeled_case_ids(preprocessed_base: str, dataset_json: dict) -> set:
@@ -215,6 +203,7 @@ def preprocess_unlabeled(dataset: str | int, configurations: Optional[Sequence[s
         raise UserInputError(f"{len(clashes)} unlabeled case name(s) are also labeled training cases of {name} "
                              f"({', '.join(clashes[:5])}{', ...' if len(clashes) > 5 else ''}); rename them")
 
+    expected_dim = _dataset_dimensionality(base, pm.image_reader_writer_class(), dataset_json["file_ending"])
     results = {}
     seen_identifiers = set()
     all_errors: List[str] = []
@@ -245,12 +234,12 @@ def preprocess_unlabeled(dataset: str | int, configurations: Optional[Sequence[s
         if skipped:
             print(f"{configuration}: {skipped} case(s) already preprocessed in {out}, skipping them "
                   f"(--overwrite redoes them)")
-        jobs = [(c, cases[c], out, plans, configuration, dataset_json) for c in todo]
+        jobs = [(c, cases[c], out, plans, configuration, dataset_json, expected_dim) for c in todo]
         errors = _run_jobs(jobs, num_processes, manifest, manifest_path, progress, desc=configuration)
         atomic_write_json(manifest, manifest_path)
         results[cm.data_identifier] = {"folder": out, "done": len(todo) - len(errors), "skipped": skipped,
                                        "failed": len(errors)}
-        all_errors += errors
+        all_errors += [e for e in errors if e not in all_errors]  # a bad case fails in every configuration
         print(f"{configuration}: {len(todo) - len(errors)} case(s) preprocessed into {out}"
               + (f", {len(errors)} failed" if errors else ""))
     if all_errors:
@@ -264,11 +253,13 @@ def _run_jobs(jobs: list, num_processes: int, manifest: dict, manifest_path: str
     from tqdm import tqdm
 
     errors: List[str] = []
+    warnings_found: List[str] = []
     last_flush = time.monotonic()
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs, unit="case")
 
-    def record(case, entry, error):
+    def record(case, entry, case_warnings, error):
         nonlocal last_flush
+        warnings_found.extend(case_warnings)
         if error is not None:
             errors.append(error)
         else:
@@ -289,6 +280,8 @@ def _run_jobs(jobs: list, num_processes: int, manifest: dict, manifest_path: str
                 for result in pool.imap_unordered(_preprocess_case_worker, jobs):
                     record(*result)
     bar.close()
+    for w in warnings_found:
+        print(f"warning: {w}")
     return errors
 
 
