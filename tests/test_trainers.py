@@ -204,7 +204,7 @@ def test_step_with_nonfinite_gradients_is_skipped_and_counted(workspace):
     t.compute_loss = lambda dl, tl, du: (lambda loss, terms: (loss * float("nan"), terms))(*compute_loss(dl, tl, du))
     before = [p.detach().clone() for p in t.network.parameters()]
     out = t.train_step(next(t.dataloader_train))
-    assert out["n_nonfinite_grad_skips"] == 1
+    assert out["n_nonfinite_loss_skips"] == 1
     assert all(torch.equal(a, b) for a, b in zip(t.network.parameters(), before))
     t.compute_loss = compute_loss
     out = t.train_step(next(t.dataloader_train))

@@ -43,8 +43,11 @@ Hyperparameters are declared once, as class attributes made with
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import sys
+import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -82,13 +85,35 @@ def _parameters(optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+# ``--c`` and a checkpoint that cannot be read: start over (1) instead of failing when nothing readable is left
+RESTART_ON_BAD_CHECKPOINT = "nnssl_restart_on_bad_checkpoint"
+# test hook: seconds to sleep between writing a checkpoint's temporary file and renaming it (the kill tests)
+SLOW_CHECKPOINT_TEST_HOOK = "nnssl_test_slow_checkpoint_s"
+CONTINUE_ORDER = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # what --c tries
+
+
+def _read_checkpoint(path: str, device: torch.device) -> Tuple[Optional[dict], Optional[str]]:
+    """``(checkpoint, None)``, or ``(None, what is wrong)`` for a file that is empty, truncated, garbage or no
+    nnU-Net checkpoint."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError (zip), UnpicklingError, EOFError, ... for a bad file
+        size = os.path.getsize(path)
+        if size == 0:
+            return None, "empty file"
+        return None, f"truncated or not a checkpoint, {size} bytes: {type(e).__name__}: {str(e).split('. ')[0]}"
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        return None, "not an nnU-Net checkpoint (no network_weights)"
+    return checkpoint, None
+
+
 class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
     """Base trainer of nnssl (not meant to be trained itself: it has no unlabeled term).
 
     Attributes (hyperparameters shared by all methods; see each declaration below):
         unlabeled_batch_size, unsup_weight, unsup_rampup_epochs, unsup_rampup_fraction, unsup_rampup_shape,
         ssl_deep_supervision, unlabeled_num_workers, lrg_sampling, lrg_rule, lrg_start_epoch,
-        validate_other_networks, seed.
+        validate_other_networks, seed, max_consecutive_nonfinite_steps.
     """
 
     unlabeled_batch_size = hyperparameter(
@@ -116,6 +141,10 @@ class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
     seed = hyperparameter(
         None, "seed of torch, numpy, random, the LRG draws and the loaders' workers; None = $nnssl_seed, "
               "unset = unseeded (see nnssl.seeding for what stays non-deterministic)")
+    max_consecutive_nonfinite_steps = hyperparameter(
+        10, "consecutive steps skipped for a non-finite loss or gradient norm after which the run stops with an "
+            "error (see train_step)")
+    _nonfinite_streak: Tuple[Tuple[str, ...], ...] = ()  # what was non-finite in each skipped step of the streak
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -468,6 +497,22 @@ class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
             module.train()
 
     def train_step(self, batch: dict) -> dict:
+        """One step: :meth:`compute_loss` on this step's labeled and unlabeled samples, nnU-Net's backward pass and
+        optimizer step (gradient norm clipped at 12) for each optimizer of :meth:`optimizers_to_step`, then the EMA
+        teachers' update and :meth:`after_optimizer_step`.
+
+        The non-finite guard: a step whose total loss is NaN or Inf (under DDP: on any rank, then every rank skips
+        it) or, on the CPU path, whose gradient norm is non-finite for any of its optimizers is skipped as a
+        whole: no optimizer steps, no EMA teacher update, no ``after_optimizer_step``, and ``global_step`` stays
+        (it counts optimizer steps taken, so every schedule reads the progress of the training that happened).
+        Each step logs ``n_nonfinite_loss_skips`` (0 or 1) and ``n_nonfinite_grad_skips`` (optimizers with a
+        non-finite gradient norm), kind count; an epoch's value is their mean over its steps. On CUDA the
+        GradScaler skips optimizer steps with non-finite gradients itself (lowering its scale, usual at the start
+        of fp16 training), so those steps are neither counted nor skipped here. After
+        :attr:`max_consecutive_nonfinite_steps` skipped steps in a row the run stops with a RuntimeError that
+        names the non-finite terms of the steps' :class:`StepLog` and where it stopped; while skipping,
+        :meth:`save_checkpoint` keeps the existing checkpoints.
+        """
         n_l, n_u = self.batch_composition()
         if not (0 <= n_l <= self.batch_size and 0 <= n_u <= self.unlabeled_batch_size_per_rank and n_l + n_u > 0):
             raise ValueError(f"batch_composition() returned ({n_l}, {n_u}); allowed: 0..{self.batch_size} "
@@ -493,36 +538,56 @@ class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
             raise TypeError(f"{type(self).__name__}.compute_loss must return (loss, StepLog) with "
                             f"{', '.join(STEP_SCHEMA)}: build it with self.step_log(sup, unsup, weight)")
 
-        # nnU-Net's step (gradient norm clipped at 12), for each optimizer over its own parameters
-        if self.grad_scaler is not None:
+        finite_loss = torch.isfinite(loss.detach()).all().to(torch.int32)
+        if self.is_ddp:  # every rank skips together, or the others would wait in backward's all-reduce
+            dist.all_reduce(finite_loss, op=dist.ReduceOp.MIN)
+        nonfinite_grads = []
+        if finite_loss and self.grad_scaler is not None:  # nnU-Net's step (gradient norm clipped at 12)
             self.grad_scaler.scale(loss).backward()
             for optimizer in optimizers:
                 self.grad_scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
                 self.grad_scaler.step(optimizer)
             self.grad_scaler.update()
-            skipped = 0  # the GradScaler skips steps with non-finite gradients itself
-        else:
+        elif finite_loss:
             loss.backward()
-            skipped = 0
-            for optimizer in optimizers:
-                norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12)
-                if torch.isfinite(norm):
+            norms = [torch.nn.utils.clip_grad_norm_(_parameters(optimizer), 12) for optimizer in optimizers]
+            nonfinite_grads = [o for o, norm in zip(optimizers, norms) if not torch.isfinite(norm)]
+            if not nonfinite_grads:  # as the GradScaler does: one bad batch must not turn the weights into NaN
+                for optimizer in optimizers:
                     optimizer.step()
-                else:  # as the GradScaler does: one bad batch must not turn the weights into NaN for good
-                    skipped += 1
-        self._update_ema_teachers()
-        self.after_optimizer_step()
-        self.global_step += 1
+        skipped = not finite_loss or bool(nonfinite_grads)
+        if not skipped:
+            self._update_ema_teachers()
+            self.after_optimizer_step()
+            self.global_step += 1
 
         log.add(COUNT, "n_labeled", float(n_l)).add(COUNT, "n_unlabeled", float(n_u))
-        log.add(COUNT, "n_nonfinite_grad_skips", float(skipped))
+        log.add(COUNT, "n_nonfinite_loss_skips", float(not finite_loss))
+        log.add(COUNT, "n_nonfinite_grad_skips", float(len(nonfinite_grads)))
         if self.lrg_sampling:
             log.schedule("lrg_unlabeled_share", self.lrg_unlabeled_share_now)
         self._log_kinds = log.kinds
         out = {"loss": loss.detach().cpu().numpy()}
         for k, v in log.items():
             out[k] = float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v)
+
+        if not skipped:
+            self._nonfinite_streak = ()
+        elif not finite_loss:
+            self._nonfinite_streak += (tuple(k for k in log if not np.isfinite(out[k])) or ("the total loss",),)
+        else:
+            names = {id(self.optimizer): "network", **{id(o): name for name, o in self.ssl_optimizers.items()}}
+            self._nonfinite_streak += (tuple(f"the gradient norm of {names[id(o)]}" for o in nonfinite_grads),)
+        if self._nonfinite_streak and len(self._nonfinite_streak) >= self.max_consecutive_nonfinite_steps:
+            counts = Counter(term for step in self._nonfinite_streak for term in step)
+            raise RuntimeError(
+                f"{type(self).__name__}: {len(self._nonfinite_streak)} steps in a row skipped for non-finite values "
+                f"at epoch {self.current_epoch}, after optimizer step {self.global_step} (non-finite: "
+                + ", ".join(f"{term} in {n}" for term, n in counts.items())
+                + f"); the checkpoints in {self.output_folder} are from before these steps. Check the images for "
+                  f"NaN/Inf (nnssl_verify_dataset), lower those terms' weights or the learning rate, or raise "
+                  f"max_consecutive_nonfinite_steps; nnUNetv2_train --c resumes from the last checkpoint")
         return out
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
@@ -571,10 +636,27 @@ class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint plus the ``"nnssl"`` state, written atomically: to ``<filename>.tmp<pid>`` in the
+        same folder (flushed to disk), then ``os.replace``. A run killed while writing leaves the previous file
+        intact and at most that temporary file, which no ``--c`` reads (its name does not end in ``.pth``) and the
+        next checkpoint written into the folder removes (one run per output folder, as nnU-Net assumes).
+
+        While :meth:`train_step` is skipping non-finite steps, an existing checkpoint is not replaced, so
+        ``checkpoint_latest``/``checkpoint_best`` stay the last ones from before the first skip; a checkpoint that
+        does not exist yet (``checkpoint_final`` of a run that ends while skipping) is written: skipped steps
+        change no weights.
+
+        Test hook: ``$nnssl_test_slow_checkpoint_s`` seconds of sleep between writing the temporary file and the
+        rename, so that the kill tests can kill the run in that window; not for normal use.
+        """
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        if self._nonfinite_streak and os.path.isfile(filename):
+            self.print_to_log_file(f"WARNING: {os.path.basename(filename)} kept as it is, not replaced: the last "
+                                   f"{len(self._nonfinite_streak)} steps were skipped for non-finite values")
             return
         checkpoint = {
             "network_weights": self.unwrapped_network.state_dict(),
@@ -598,23 +680,60 @@ class nnSSLTrainer(OtherNetworksValidation, nnUNetTrainer):
                 "extra": self.ssl_extra_state(),
             },
         }
-        # atomically: a run killed while writing leaves the previous checkpoint, never half a file
+        for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(filename)), "*.pth.tmp[0-9]*")):
+            os.remove(leftover)  # of a run killed while writing
         tmp = f"{filename}.tmp{os.getpid()}"
         try:
-            torch.save(checkpoint, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.environ.get(SLOW_CHECKPOINT_TEST_HOOK):
+                time.sleep(float(os.environ[SLOW_CHECKPOINT_TEST_HOOK]))
             os.replace(tmp, filename)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's restore (accepting a path or a loaded dict) plus the ``"nnssl"`` state."""
+        """nnU-Net's restore (accepting a path or a loaded dict) plus the ``"nnssl"`` state.
+
+        A path that cannot be read (empty, truncated, garbage, no nnU-Net checkpoint) never ends in an unpickling
+        traceback. With ``--c`` (nnU-Net passes checkpoint_final, else checkpoint_latest, else checkpoint_best)
+        the next readable one of that order in the same folder is used instead, and the log says which; with
+        none left, ``$nnssl_restart_on_bad_checkpoint=1`` starts the training over (said in the log), otherwise a
+        RuntimeError names the file, the problem and both ways out. Without ``--c`` (``--val``, ``--val_best``,
+        a caller's path) that RuntimeError comes at once.
+        """
         if not self.was_initialized:
             self.initialize()
+        checkpoint = filename_or_checkpoint
         if isinstance(filename_or_checkpoint, str):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        else:
-            checkpoint = filename_or_checkpoint
+            path = filename_or_checkpoint
+            checkpoint, problem = _read_checkpoint(path, self.device)
+            folder, name = os.path.split(path)
+            resuming = bool(self.logger.resume) and name in CONTINUE_ORDER  # --c
+            later = CONTINUE_ORDER[CONTINUE_ORDER.index(name) + 1:] if resuming else ()
+            fallbacks = [f for f in later if os.path.isfile(os.path.join(folder, f))]
+            while checkpoint is None and fallbacks:
+                fallback = fallbacks.pop(0)
+                checkpoint, fallback_problem = _read_checkpoint(os.path.join(folder, fallback), self.device)
+                if checkpoint is None:
+                    problem += f"; {fallback} cannot be read either ({fallback_problem})"
+                else:
+                    self.print_to_log_file(f"WARNING: {path} cannot be read ({problem}); resuming from {fallback} "
+                                           f"(epoch {checkpoint['current_epoch']}) instead")
+            if checkpoint is None and resuming:
+                problem += f"; no readable {' or '.join(later)} to resume from" if later else ""
+                if os.environ.get(RESTART_ON_BAD_CHECKPOINT) == "1":
+                    self.print_to_log_file(f"WARNING: {path} cannot be read ({problem}); "
+                                           f"{RESTART_ON_BAD_CHECKPOINT}=1: starting this training over")
+                    return
+                raise RuntimeError(f"{path} cannot be read ({problem}); to train this fold from the start, rerun "
+                                   f"with {RESTART_ON_BAD_CHECKPOINT}=1 or delete the file")
+            if checkpoint is None:
+                raise RuntimeError(f"{path} cannot be read ({problem}); rerun the training with --c to write it "
+                                   f"again (it resumes from the last readable checkpoint)")
         state = {(k[7:] if k.startswith("module.") else k): v for k, v in checkpoint["network_weights"].items()}
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]

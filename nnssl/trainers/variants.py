@@ -18,10 +18,16 @@ writes ``checkpoint_latest.pth`` every tenth of the run (at most every 50 epochs
 phase (``train_phase_seconds``, validation excluded) so that seconds per iteration compare across trainers. The class is created when nnU-Net looks the name
 up (through the module ``__getattr__`` below and the re-export module that ``nnUNet_extTrainer`` points at); the
 same name always gives the same class object, and the class pickles by name.
+
+A name meant as a variant that gives none (a suffix that does not parse, a budget of zero, a base trainer that does
+not exist) is explained by :func:`variant_name_problem`: one line saying what is wrong and the name that would
+work, raised as :class:`TrainerNameError` by the re-export module and printed by ``nnssl_train``/``nnssl_predict``
+instead of nnU-Net's generic "Could not find requested nnunet trainer".
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import time
@@ -31,6 +37,7 @@ import torch
 
 _VARIANT = re.compile(r"^(?P<base>[A-Za-z]\w*?)_(?P<epochs>\d+)epochs(?:_(?P<iters>\d+)iters)?"
                       r"(?:_(?P<val>\d+)valiters)?$")
+VARIANT_FORM = "<Trainer>_<E>epochs[_<I>iters][_<V>valiters]"
 TRAIN_PHASE_KEY = "train_phase_seconds"
 _made: dict = {}  # cache: the same name must give the same class object (identity, pickling)
 
@@ -67,7 +74,7 @@ def budget_variant(name: str) -> Optional[Type]:
         return None
     base_name, epochs, iters, val_iters = parsed
     base = _find_base_trainer(base_name)
-    if base is None or epochs < 1 or iters == 0:
+    if base is None or 0 in (epochs, iters, val_iters):
         return None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -97,6 +104,60 @@ def budget_variant(name: str) -> Optional[Type]:
                                "__doc__": f"{base_name} with a budget of {budget} (see nnssl.trainers.variants)."})
     _made[name] = cls
     return cls
+
+
+class TrainerNameError(RuntimeError):
+    """A trainer name meant as a budget variant that gives none (message: :func:`variant_name_problem`)."""
+
+
+def closest_trainer_name(name: str) -> Optional[str]:
+    """The nnssl trainer (or ``nnUNetTrainer``) whose name is closest to ``name``, if any is close."""
+    from nnssl.trainers.registry import TRAINERS
+
+    matches = difflib.get_close_matches(name, [*TRAINERS, "nnUNetTrainer"], n=1, cutoff=0.8)
+    return matches[0] if matches else None
+
+
+def variant_name_problem(name: str) -> Optional[str]:
+    """Why ``name``, meant as a budget variant, gives no trainer: one line with the problem and the name that would
+    work; None for a name that gives a variant or is not meant as one.
+
+    Meant as a variant: the name is no trainer itself and contains ``_<digits>epochs`` or starts with an nnssl
+    trainer's name and ``_``.
+    Problems: the suffix does not parse (``_5epochs_xiters``), a budget of zero (``_0epochs``, ``_5epochs_0iters``,
+    ``_0valiters``), a base trainer that neither nnssl nor nnU-Net has (``nnSSL_MeanTeachrTrainer_5epochs``).
+    """
+    from nnssl.trainers.registry import TRAINERS
+
+    counted = re.search(r"_\d+epochs", name)
+    base = next((t for t in TRAINERS if name.startswith(t + "_")), None) or \
+        (name[:counted.start()] if counted else None)
+    if base is None or budget_variant(name) is not None or _find_base_trainer(name) is not None:
+        return None
+    suffix = name[len(base):]
+
+    def number(pattern: str) -> Optional[int]:
+        m = re.search(pattern, suffix, re.IGNORECASE)
+        return None if m is None else int(m.group(1))
+
+    budget = {"epochs": number(r"(\d+)_?epochs?"), "iters": number(r"(\d+)_?iters?"),
+              "valiters": number(r"(\d+)_?valiters?")}
+    zeros = [unit for unit, n in budget.items() if n == 0]
+    known = _find_base_trainer(base) is not None
+    if not known:
+        problem = f"there is no trainer {base!r} to give a budget to (nnssl's are {', '.join(TRAINERS)})"
+    elif zeros:
+        problem = f"its budget has 0 {' and 0 '.join(zeros)}"
+    else:
+        problem = f"its budget suffix {suffix!r} does not parse"
+    fixed = base if known else closest_trainer_name(base)
+    if fixed is None:
+        fix = ""
+    elif budget["epochs"] is None:
+        fix = f"; use {fixed} (nnU-Net's full budget) or {fixed}_<E>epochs"
+    else:
+        fix = f"; use {fixed}" + "".join(f"_{max(1, n)}{unit}" for unit, n in budget.items() if n is not None)
+    return f"{name!r} is not a trainer: {problem}; budget variants are {VARIANT_FORM}, numbers >= 1{fix}"
 
 
 def __getattr__(name: str):
