@@ -147,3 +147,46 @@ def test_cli_errors_are_clear(workspace, tmp_path):
     p = subprocess.run([script("nnssl_preprocess_unlabeled"), "-d", str(DATASET_ID)], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nnUNetv2_plan_and_preprocess" in p.stderr
+
+
+@pytest.mark.slow
+def test_killed_while_writing_then_rerun_gives_a_complete_pool(workspace, tmp_path):
+    """A real SIGKILL of nnssl_preprocess_unlabeled mid-run: the manifest never lists a half-written case, and a
+    rerun completes the pool (every listed case loads)."""
+    import signal
+    import time
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    _, out, _ = _folders(workspace)
+    src = str(tmp_path / "many")
+    os.makedirs(src)
+    np.random.seed(0)
+    for i in range(40):
+        _write(os.path.join(src, f"many_{i:03d}_0000.nii.gz"), shape=(48, 48, 48))
+    env = dict(os.environ)
+    cmd = [script("nnssl_preprocess_unlabeled"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-i", src,
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(f.startswith("many_") and f.endswith(".b2nd") for f in os.listdir(out)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    time.sleep(0.3)  # in the middle of the run
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    listed = load_json(os.path.join(out, UNLABELED_MANIFEST))["cases"]
+    many_listed = [c for c in listed if c.startswith("many_")]
+    assert len(many_listed) < 40  # killed before the end
+    for case in many_listed:  # whatever the manifest lists was written completely
+        nnUNetDatasetBlosc2(out, [case]).load_case(case)
+
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    listed = load_json(os.path.join(out, UNLABELED_MANIFEST))["cases"]
+    assert sorted(c for c in listed if c.startswith("many_")) == [f"many_{i:03d}" for i in range(40)]
+    assert {f"synthu_{i:03d}" for i in range(6)} <= set(listed)  # the earlier pool is kept
+    for case in listed:
+        data, _, _, _ = nnUNetDatasetBlosc2(out, [case]).load_case(case)
+        assert np.isfinite(np.asarray(data)).all()
