@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import DATASET, DATASET_ID, run, script
-from nnssl.trainers.base import SLOW_CHECKPOINT_TEST_HOOK
+from nnssl.trainers.checkpoints import SLOW_CHECKPOINT_TEST_HOOK
 from trainer_helpers import env_with_ext_trainer, predict_test_images
 
 EPOCHS, ITERS = 3, 2  # a budget variant of 3 epochs writes checkpoint_latest.pth after epochs 0 and 1

@@ -13,7 +13,7 @@ import torch
 from conftest import DATASET, DATASET_ID, script
 from nnssl.commands import trainer_path
 from nnssl.nnunet_ext import EXT_TRAINER_DIR
-from nnssl.trainers.base import RESTART_ON_BAD_CHECKPOINT
+from nnssl.trainers.checkpoints import RESTART_ON_BAD_CHECKPOINT
 from nnssl.trainers.variants import variant_name_problem
 from trainer_helpers import env_with_ext_trainer, make_trainer, started
 
