@@ -494,7 +494,7 @@ class nnSSLTrainer(SSLCheckpoints, OtherNetworksValidation, nnUNetTrainer):
         if not (0 <= n_l <= self.batch_size and 0 <= n_u <= self.unlabeled_batch_size_per_rank and n_l + n_u > 0):
             raise ValueError(f"batch_composition() returned ({n_l}, {n_u}); allowed: 0..{self.batch_size} "
                              f"labeled, 0..{self.unlabeled_batch_size_per_rank} unlabeled, not both 0")
-        keep = self.labeled_indices(n_l)
+        keep = slice(None) if n_l == self.batch_size else self.labeled_indices(n_l)  # no copy when all are kept
         data_l = batch["data"][keep].to(self.device, non_blocking=True)
         target = batch["target"]
         if isinstance(target, list):
