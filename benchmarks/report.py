@@ -28,6 +28,7 @@ from nnssl.trainers.progress import VAL_DICE_PREFIX  # noqa: E402
 LOWER = "nnUNetTrainer (labeled only)"
 UPPER = "nnUNetTrainer (all labels, upper bound)"
 MATCHED = "nnUNetTrainer (labeled only, compute-matched)"
+LOWER_2X = "nnUNetTrainer (labeled only, 2x iterations)"
 
 
 def _mean_sd(values: List[Optional[float]]) -> str:
@@ -57,10 +58,14 @@ def write_report(results: dict, path: str) -> None:
     runs = results["runs"]
     classes = list(next(iter(next(iter(runs.values())).values()))["per_class"])
     hc = any("hc_abs_diff_mm" in e for r in runs.values() for e in r.values())
-    head = ["trainer", "iterations", "seeds"] + [f"Dice {c}" for c in classes] + ["mean Dice", "HD95 (mm)",
-                                                                                  "ASD (mm)"]
+    vox = results.get("reported_set") == "validation"  # ACDC: the literature reports distances in voxels
+    dist = ("hd95_vox", "asd_vox") if vox else ("hd95_mm", "asd_mm")
+    head = ["trainer", "iterations", "seeds"] + [f"Dice {c}" for c in classes] + (
+        ["mean Dice", "HD95 (vox)", "ASD (vox)"] if vox else ["mean Dice", "HD95 (mm)", "ASD (mm)"])
     head += ["HC abs diff (mm)"] if hc else []
     head += ["s/iteration", "time ratio", "training (min)", "peak RSS (MB)"]
+    test_folder = any("test_folder" in e for r in runs.values() for e in r.values())
+    head += ["mean Dice, --test-folder"] if test_folder else []
     search = any("region_search_share" in e for r in runs.values() for e in r.values())
     head += ["region search share"] if search else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -68,12 +73,13 @@ def write_report(results: dict, path: str) -> None:
         es = list(r.values())
         row = [key, str(es[0]["iterations"]), str(len(es))]
         row += [_mean_sd([e["per_class"][c]["dice"] for e in es]) for c in classes]
-        row += [_mean_sd([e["mean"][m] for e in es]) for m in ("dice", "hd95_mm", "asd_mm")]
+        row += [_mean_sd([e["mean"].get(m) for e in es]) for m in ("dice",) + dist]
         row += [_mean_sd([e.get("hc_abs_diff_mm") for e in es])] if hc else []
         row += [_mean_sd([e["seconds_per_iteration"] for e in es]),
                 _mean_sd([e.get("time_ratio_to_nnUNetTrainer") for e in es]),
                 _mean_sd([e["train_epochs_seconds"] / 60 if e.get("train_epochs_seconds") else None for e in es]),
                 _mean_sd([e.get("peak_rss_mb") for e in es])]
+        row += [_mean_sd([e["test_folder"]["mean"]["dice"] for e in es if "test_folder" in e])] if test_folder else []
         row += [_mean_sd([e.get("region_search_share") for e in es])] if search else []
         lines.append("| " + " | ".join(row) + " |")
     others = _other_networks_lines(runs)
@@ -86,7 +92,10 @@ def write_report(results: dict, path: str) -> None:
         lines += ["", "Trained in more than one process (an interrupted training resumed with --c; training time is "
                   "the sum of its epochs, peak RSS the resumed process's): " + "; ".join(resumed)]
     b = results["budget"]
-    lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {results['test_cases']} held-out test cases, "
+    reported = (f"reported on {results['test_cases']} validation cases (the literature's fixed split; they select "
+                f"nothing)" if results.get("reported_set") == "validation" else
+                f"{results['test_cases']} held-out test cases")
+    lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {reported}, "
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
               f"{b['iterations_per_epoch']} iterations (compute-matched row: more iterations per epoch), device "
               f"{results['device']}; mean ± sd over seeds (folds) {results['seeds']}. Reproduce: "

@@ -20,7 +20,7 @@ with its own nnUNet_raw/preprocessed/results), each step a real console script:
    the labeled cases (lower bound), every nnSSL trainer, ``nnUNetTrainer`` on all training labels (upper bound),
    and ``nnUNetTrainer`` again with as many iterations per epoch as the costliest SSL trainer's measured cost ratio
    buys (compute-matched lower bound; also the check that the baseline no longer improves with more iterations;
-   ``--skip-compute-matched`` defers this longest row to a later call);
+   ``--rows`` chooses which rows a call runs, e.g. leaving the longest ``matched`` row to a later call);
 5. ``nnUNetv2_predict`` of the test list from each final checkpoint and ``nnssl_evaluate`` against its labels;
 6. ``benchmarks/results/<dataset>_<fraction>.json``, ``.md`` (table) and ``.png`` (metrics and learning curves).
 
@@ -50,13 +50,18 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)  # the sibling modules datasets.py and report.py
 
-from datasets import DATASETS, N_FOLDS, UPPER_FOLD_OFFSET, copy_test_set  # noqa: E402
-from report import LOWER, MATCHED, UPPER, write_report  # noqa: E402
+from datasets import DATASETS, N_FOLDS, UPPER_FOLD_OFFSET, check_test_folder, copy_test_set  # noqa: E402
+from report import LOWER, LOWER_2X, MATCHED, UPPER, write_report  # noqa: E402
 
 from nnssl.trainers.progress import VAL_DICE_PREFIX  # noqa: E402
 from nnssl.trainers.registry import trainer_names  # noqa: E402
 from nnssl.utils import atomic_write_json, load_json_or_none, run_command  # noqa: E402
 from nnssl.workflow import Workspace, nnunet_env, planner_env  # noqa: E402
+
+# outside the repository's working tree, so that a row interrupted by the end of a session resumes with --c when
+# the next session has the same machine (a row never depends on that)
+DEFAULT_WORK = os.environ.get("NNSSL_BENCHMARK_WORK", os.path.join(os.path.expanduser("~"), ".cache", "nnssl",
+                                                                   "benchmarks"))
 
 
 def _checkpoint(path: str) -> dict:
@@ -87,6 +92,16 @@ def set_time_ratios(results: dict) -> None:
                 e["time_ratio_to_nnUNetTrainer"] = ratio
 
 
+def compute_ratio(results: dict) -> Optional[float]:
+    """The costliest SSL trainer's cost: the largest per-trainer mean of ``time_ratio_to_nnUNetTrainer`` over its
+    seeds (the bounds' rows and the self-training rows' own accounting left out), rounded up to 0.1; None when no SSL
+    row has one."""
+    means = [np.mean(rs) for key, r in results.get("runs", {}).items() if key.startswith("nnSSL_")
+             for rs in [[e["time_ratio_to_nnUNetTrainer"] for e in r.values() if e.get("time_ratio_to_nnUNetTrainer")]]
+             if rs]
+    return math.ceil(max(means) * 10) / 10 if means else None
+
+
 def backfill_old_entries(results: dict, output_folder: Callable[[str, int], str]) -> None:
     """The one patch of results files written by earlier versions of this runner: entries without
     ``train_epochs_seconds`` get it from their final checkpoint's log (``output_folder(variant, fold)``)."""
@@ -106,8 +121,10 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.ds = DATASETS[args.dataset]
-        self.work = os.path.abspath(args.work or os.path.join(HERE, "work", args.dataset + ("_quick" if args.quick
-                                                                                              else "")))
+        self.ds.check_labeled(args.labeled)  # before anything is written
+        # one workspace per setting: the settings of a dataset use the same fold numbers for other splits
+        self.work = os.path.abspath(args.work or os.path.join(
+            DEFAULT_WORK, f"{args.dataset}_{self.ds.setting_name(args.labeled)}" + ("_quick" if args.quick else "")))
         env = nnunet_env(self.work)
         if args.device == "cpu":
             env.setdefault("nnUNet_n_proc_DA", "0")
@@ -117,7 +134,7 @@ class Runner:
                                                                            title.replace(" ", "_") + ".log"),
                             echo="benchmark")
         self.plans = "nnUNetPlans_cpu" if args.plans == "cpu" else "nnUNetPlans"
-        fraction = args.labeled.replace("%", "pct")
+        fraction = self.ds.setting_name(args.labeled)
         self.results_path = args.results or os.path.join(HERE, "results",
                                                          f"{args.dataset}_{fraction}{'_quick' if args.quick else ''}")
         self.results = load_json_or_none(self.results_path + ".json") or {}
@@ -154,10 +171,16 @@ class Runner:
             ws.run(["nnssl_preprocess_unlabeled", "-d", ds.id, "-c", ds.configuration, "-p", self.plans,
                     "--no-progress"], "preprocess unlabeled")
         self.test_cases = ds.test_cases(ws, a.quick)
-        ds.make_splits(ws, a.labeled, self.test_cases)
-        test = os.path.join(self.work, "test")
-        copy_test_set(ws, ds, self.test_cases, test)
+        ds.make_splits(ws, a.labeled, self.test_cases, a.quick)
+        # the reported set: the held-out test list, or (ACDC's fixed split) the validation patients
+        self.reported_cases = ds.reported_cases(ws, a.quick)
+        test = os.path.join(self.work, "validation" if ds.fixed_split else "test")
+        copy_test_set(ws, ds, self.reported_cases, test)
         self.test_images, self.test_labels = os.path.join(test, "images"), os.path.join(test, "labels")
+        self.test_folder = a.test_folder
+        if a.test_folder:
+            self.test_folder_images, self.test_folder_labels = check_test_folder(
+                a.test_folder, json.load(open(os.path.join(self.raw_folder, "dataset.json"))))
 
     # ------------------------------------------------------------------ training and evaluation
     def budget(self, iters: int) -> str:
@@ -182,7 +205,10 @@ class Runner:
             latest = os.path.join(out, "checkpoint_latest.pth")
             if os.path.isfile(latest):  # an interrupted training (e.g. an earlier session's) goes on with --c
                 resumed_at_epoch = int(_checkpoint(latest)["current_epoch"])
-            train = self.ws.run(cmd + (["--c"] if resumed_at_epoch is not None else []), f"train {key} seed {seed}")
+            # every row of seed k is trained with $nnssl_seed = k (nnssl trainers and budget variants of stock ones
+            # seed themselves from it); on the folds of a drawn split seed k is also fold k's own split
+            train = self.ws.run(cmd + (["--c"] if resumed_at_epoch is not None else []), f"train {key} seed {seed}",
+                                env={**self.ws.env, "nnssl_seed": str(seed)})
         log = _checkpoint(os.path.join(out, "checkpoint_final.pth"))["logging"]
         phase = log.get("train_phase_seconds", [])
         preds = os.path.join(self.work, "predictions", f"{key}_seed{seed}")
@@ -203,7 +229,7 @@ class Runner:
         summary = json.load(open(summary_file))
         per_class = {c["name"]: {m: c[m]["mean"] for m in ("dice", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")}
                      for c in summary["per_class"].values()}
-        over = {m: summary["over_classes"][m]["mean"] for m in ("dice", "hd95_mm", "asd_mm")}
+        over = {m: summary["over_classes"][m]["mean"] for m in ("dice", "hd95_mm", "asd_mm", "hd95_vox", "asd_vox")}
         entry = {"trainer": variant, "fold": fold, "iterations": a.epochs * iters, "per_class": per_class,
                  "mean": over, "seconds_per_iteration": float(np.median(phase)) / iters if phase else None,
                  "train_command": " ".join(map(str, cmd)),
@@ -232,40 +258,87 @@ class Runner:
             hc = summary["head_circumference"]
             entry["hc_abs_diff_mm"] = hc["abs_diff_mm"]["mean"]
             entry["hc_diff_mm"] = hc["diff_mm"]["mean"]
+        if self.test_folder:
+            entry["test_folder"] = self.evaluate_test_folder(key, variant, fold, seed)
+        entry["over_60_minutes"] = bool(entry["train_epochs_seconds"] > 3600)
         self.results["runs"][key][str(seed)] = entry
         self.save()
         return entry
 
+    def evaluate_test_folder(self, key: str, variant: str, fold: int, seed: int) -> dict:
+        """The row's final checkpoint on ``--test-folder`` (predicted and evaluated once per checkpoint)."""
+        from nnssl.evaluation.evaluate import evaluate_folders
+
+        ds, a = self.ds, self.args
+        preds = os.path.join(self.work, "predictions_test_folder", f"{key}_seed{seed}")
+        summary_file = preds + "_eval_summary.json"
+        ckpt = os.path.join(self.output_folder(variant, fold), "checkpoint_final.pth")
+        if os.path.isfile(summary_file) and os.path.getmtime(summary_file) < os.path.getmtime(ckpt):
+            os.remove(summary_file)  # a retrained checkpoint
+        if not os.path.isfile(summary_file):
+            shutil.rmtree(preds, ignore_errors=True)
+            self.ws.run(["nnUNetv2_predict", "-i", self.test_folder_images, "-o", preds, "-d", ds.id, "-c",
+                         ds.configuration, "-f", fold, "-tr", variant, "-p", self.plans, "-device", a.device, "-npp",
+                         1, "-nps", 1], f"predict test folder {key} seed {seed}")
+            evaluate_folders(self.test_folder_labels, preds, json.load(open(os.path.join(self.raw_folder,
+                                                                                        "dataset.json"))),
+                             output_prefix=preds + "_eval")
+        summary = json.load(open(summary_file))
+        return {"folder": os.path.abspath(a.test_folder), "cases": len(os.listdir(self.test_folder_labels)),
+                "per_class": {c["name"]: {m: c[m]["mean"] for m in ("dice", "hd95_vox", "asd_vox", "hd95_mm",
+                                                                     "asd_mm")}
+                              for c in summary["per_class"].values()},
+                "mean": {m: summary["over_classes"][m]["mean"] for m in ("dice", "hd95_vox", "asd_vox", "hd95_mm",
+                                                                          "asd_mm")}}
+
     def run(self) -> None:
         a = self.args
         self.prepare()
+        if a.prepare_only:
+            print(f"[benchmark] prepared {self.work}", flush=True)
+            return
         self.results.update({
             "dataset": self.ds.name, "labeled": a.labeled, "configuration": self.ds.configuration,
             "plans": self.plans, "plans_detail": self.plans_detail(), "device": a.device,
             "budget": {"epochs": a.epochs, "iterations_per_epoch": a.iters, "val_iterations_per_epoch": a.val_iters},
-            "seeds": a.seeds, "test_cases": len(self.test_cases),
-            "protocol": "seed k = fold k of the benchmark's splits_final.json (own validation cases and labeled "
-                        "subset); the test list is never used for training or checkpoint selection "
-                        "(checkpoint_final is evaluated)",
+            "seeds": a.seeds, "test_cases": len(self.reported_cases),
+            "reported_set": "validation" if self.ds.fixed_split else "test",
+            "protocol": ("the literature's fixed split (labeled, unlabeled and validation patients); seed k = "
+                         "training seed k ($nnssl_seed) on fold k, a copy of that split; reported on the "
+                         "validation patients, which select nothing (checkpoint_final is evaluated)"
+                         if self.ds.fixed_split else
+                         "seed k = fold k of the benchmark's splits_final.json (own validation cases and labeled "
+                         "subset) and training seed k ($nnssl_seed); the test list is never used for training or "
+                         "checkpoint selection (checkpoint_final is evaluated)"),
             "command": "python benchmarks/run.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])})
         self.save()
-        trainers = a.trainers or trainer_names(self.ds.dimensionality)
+        trainers = a.trainers if a.trainers is not None else trainer_names(self.ds.dimensionality)
+        rows = set(a.rows)
         for seed in a.seeds:
-            lower = self.run_one(LOWER, "nnUNetTrainer", seed, a.iters, seed)
-            ratios = [time_ratio(self.run_one(tr, tr, seed, a.iters, seed), lower) for tr in trainers]
-            set_time_ratios(self.results)
-            self.save()
-            self.run_one(UPPER, "nnUNetTrainer", seed + UPPER_FOLD_OFFSET, a.iters, seed)
-            if a.skip_compute_matched:
-                continue
-            # the costliest SSL trainer's measured cost; a costlier trainer added later retrains this row
-            ratio = max((r for r in ratios if r is not None), default=2.0)
-            self.results.setdefault("compute_ratio", {})[str(seed)] = ratio
-            matched_iters = int(math.ceil(a.iters * ratio))
-            old = self.results["runs"].get(MATCHED, {}).get(str(seed))
-            if old and old["iterations"] != a.epochs * matched_iters:
-                del self.results["runs"][MATCHED][str(seed)]
-            self.run_one(MATCHED, "nnUNetTrainer", seed, matched_iters, seed)
+            if rows & {"lower", "ssl", "matched"}:  # the SSL rows' time ratios need the seed's labeled-only row
+                self.run_one(LOWER, "nnUNetTrainer", seed, a.iters, seed)
+            if "lower2x" in rows:  # does the baseline still improve with twice the iterations?
+                self.run_one(LOWER_2X, "nnUNetTrainer", seed, 2 * a.iters, seed)
+            if "ssl" in rows:
+                for tr in trainers:
+                    self.run_one(tr, tr, seed, a.iters, seed)
+                    set_time_ratios(self.results)
+                    self.save()
+            if "upper" in rows:
+                self.run_one(UPPER, "nnUNetTrainer", seed + UPPER_FOLD_OFFSET, a.iters, seed)
+            if "matched" in rows:
+                ratio = compute_ratio(self.results)
+                if ratio is None:
+                    print(f"[benchmark] seed {seed}: no SSL row measured yet, so no compute-matched row",
+                          flush=True)
+                    continue
+                self.results["compute_ratio"] = ratio
+                matched_iters = int(math.ceil(a.iters * ratio))
+                old = self.results["runs"].get(MATCHED, {}).get(str(seed))
+                # a costlier trainer added later retrains the row (not a few percent of timing noise)
+                if old and abs(old["iterations"] / (a.epochs * matched_iters) - 1) > 0.1:
+                    del self.results["runs"][MATCHED][str(seed)]
+                self.run_one(MATCHED, "nnUNetTrainer", seed, matched_iters, seed)
         backfill_old_entries(self.results, self.output_folder)
         set_time_ratios(self.results)
         self.save()
@@ -278,10 +351,15 @@ class Runner:
                 "features_per_stage": cfg["architecture"]["arch_kwargs"]["features_per_stage"]}
 
 
+ROWS = ("lower", "lower2x", "ssl", "upper", "matched")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
-    p.add_argument("--labeled", default="10%", help="labeled share of each fold's training cases (10%%)")
+    p.add_argument("--labeled", default="10%",
+                   help="labeled share (10%%) or count (8) of each fold's training cases; ACDC: the literature's "
+                        "setting, 3 or 7 labeled patients")
     p.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
     p.add_argument("--iters", type=int, default=100, help="iterations per epoch (default 100)")
     p.add_argument("--val-iters", type=int, default=10, help="validation iterations per epoch (default 10)")
@@ -290,17 +368,31 @@ def main(argv=None) -> None:
                    help="cpu: nnssl_make_cpu_plans variant (features x0.25, HC18 at 4x spacing); default: nnU-Net's")
     p.add_argument("--features-scale", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=None, help="CPU plans' batch size (4 Hippocampus, 8 HC18)")
-    p.add_argument("--trainers", nargs="+", default=None,
+    p.add_argument("--trainers", nargs="*", default=None,
                    help="nnSSL trainers (default: every registered one that trains the dataset's configuration)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--work", default=None, help="workspace (default benchmarks/work/<dataset>)")
+    p.add_argument("--work", default=None,
+                   help="workspace (default ~/.cache/nnssl/benchmarks/<dataset>_<setting>, e.g. acdc_7cases; or under "
+                        "$NNSSL_BENCHMARK_WORK)")
     p.add_argument("--results", default=None, help="results path without extension")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                   help="which rows to run for each seed (default all): lower (labeled only), lower2x (labeled only, "
+                        "twice the iterations: does the baseline still improve?), ssl (the --trainers), upper (all "
+                        "labels), matched (labeled only with the costliest SSL trainer's measured cost in "
+                        "iterations); finished rows are kept")
     p.add_argument("--skip-compute-matched", action="store_true",
-                   help="leave out the compute-matched labeled-only row for now (a later run without the flag adds "
-                        "it; finished runs are kept)")
+                   help="the same as leaving 'matched' out of --rows (kept for the commands of older results)")
+    p.add_argument("--test-folder", default=None, metavar="DIR",
+                   help="also evaluate every finished row's final checkpoint on DIR (imagesTr/CASE_0000.nii.gz and "
+                        "labelsTr/CASE.nii.gz, e.g. ACDC's 20 test patients); kept apart in each entry's "
+                        "'test_folder'")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="convert, plan, preprocess and split, then stop (e.g. before benchmarks/step_time.py)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a subset of the data, 2 epochs x 5 iterations, results *_quick.*")
     args = p.parse_args(argv)
+    if args.skip_compute_matched:
+        args.rows = [r for r in args.rows if r != "matched"]
     if args.quick:
         args.epochs, args.iters, args.val_iters, args.seeds = 2, 5, 2, [0]
     run_command(lambda: Runner(args).run())

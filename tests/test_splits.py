@@ -106,3 +106,67 @@ def test_cli_clear_errors(tmp_path, args, message):
     p = subprocess.run([script("nnssl_make_split")] + args, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
     assert not os.path.exists(os.path.join(env["nnUNet_preprocessed"], "Dataset991_Tiny", "splits_final.json"))
+
+
+PATIENT_FRAMES = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 21) for f in (1, 2)]
+PATIENT_RX = r"(patient\d+)_"
+
+
+def test_fixed_labeled_and_val_cases_by_group_name():
+    """A paper's fixed split: named patients (groups) take both frames; every fold is the same split."""
+    splits = make_semi_supervised_splits(PATIENT_FRAMES, None, folds=3, group_regex=PATIENT_RX,
+                                         labeled_cases=["patient003", "patient007_frame02"],
+                                         val_cases=["patient001", "patient002"])
+    assert len(splits) == 3 and splits[0] == splits[1] == splits[2]
+    fold = splits[0]
+    _check_fold(fold, PATIENT_FRAMES)
+    assert fold["train"] == ["patient003_frame01", "patient003_frame02", "patient007_frame01", "patient007_frame02"]
+    assert fold["val"] == ["patient001_frame01", "patient001_frame02", "patient002_frame01", "patient002_frame02"]
+    assert len(fold["unlabeled"]) == 40 - 8
+
+
+def test_fixed_labeled_cases_are_never_validated_in_a_kfold_partition():
+    labeled = ["patient003", "patient004"]
+    splits = make_semi_supervised_splits(PATIENT_FRAMES, None, folds=4, group_regex=PATIENT_RX,
+                                         labeled_cases=labeled)
+    vals = sorted(c for f in splits for c in f["val"])
+    assert vals == sorted(c for c in PATIENT_FRAMES if not c.startswith(("patient003", "patient004")))
+    for fold in splits:
+        _check_fold(fold, PATIENT_FRAMES)
+        assert fold["train"] == ["patient003_frame01", "patient003_frame02", "patient004_frame01",
+                                 "patient004_frame02"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"labeled_cases": ["patient999"]}, "patient999"),
+    ({"labeled_cases": ["patient003"], "val_cases": ["patient003_frame01"]}, "in both"),
+    ({"labeled_cases": ["patient003"], "val_cases": ["nobody"]}, "nobody"),
+    ({"labeled_cases": []}, "no case"),
+])
+def test_fixed_lists_bad_names(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        make_semi_supervised_splits(PATIENT_FRAMES, None, folds=2, group_regex=PATIENT_RX, **kwargs)
+
+
+def test_labeled_amount_and_list_are_exclusive():
+    with pytest.raises(UserInputError, match="not both"):
+        make_semi_supervised_splits(PATIENT_FRAMES, "2", labeled_cases=["patient003"], group_regex=PATIENT_RX)
+
+
+def test_cli_fixed_lists(tmp_path):
+    env = _raw_dataset(str(tmp_path))
+    (tmp_path / "lab.txt").write_text("# labeled\ncase_003\ncase_005\n")
+    (tmp_path / "val.txt").write_text("case_000\ncase_001\n")
+    cmd = [script("nnssl_make_split"), "-d", "991", "--labeled-cases", str(tmp_path / "lab.txt"),
+           "--val-cases", str(tmp_path / "val.txt")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = os.path.join(env["nnUNet_preprocessed"], "Dataset991_Tiny", "splits_final.json")
+    splits = json.load(open(out))
+    assert len(splits) == 1  # one fold by default with --val-cases
+    assert splits[0]["train"] == ["case_003", "case_005"] and splits[0]["val"] == ["case_000", "case_001"]
+    assert len(splits[0]["unlabeled"]) == 8
+    (tmp_path / "bad.txt").write_text("case_003\ncase_077\n")
+    p = subprocess.run(cmd[:4] + [str(tmp_path / "bad.txt")] + cmd[5:] + ["--force"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "case_077" in p.stderr and "Traceback" not in p.stderr
+    assert json.load(open(out)) == splits  # nothing written on the error

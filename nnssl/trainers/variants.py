@@ -13,7 +13,8 @@ so the labeled-only baseline gets exactly the same budget:
     nnUNetv2_train 4 3d_fullres 0 -tr nnUNetTrainer_20epochs_50iters
 
 Ramp-ups expressed in fractions of the training (the nnssl default) follow the shorter budget. The variant
-writes ``checkpoint_latest.pth`` every tenth of the run (at most every 50 epochs, nnU-Net's interval), so that
+seeds a stock base trainer from ``$nnssl_seed`` as nnssl trainers seed themselves, writes ``checkpoint_latest.pth``
+every tenth of the run (at most every 50 epochs, nnU-Net's interval), so that
 ``--c`` resumes an interrupted short run without losing much, and logs the wall time of each epoch's training
 phase (``train_phase_seconds``, validation excluded) so that seconds per iteration compare across trainers. The class is created when nnU-Net looks the name
 up (through the module ``__getattr__`` below and the re-export module that ``nnUNet_extTrainer`` points at); the
@@ -97,9 +98,23 @@ def budget_variant(name: str) -> Optional[Type]:
         base.on_train_epoch_end(self, train_outputs)
         self.logger.log(TRAIN_PHASE_KEY, time.perf_counter() - self._train_phase_start, self.current_epoch)
 
+    def initialize(self):
+        # nnssl trainers seed themselves (nnSSLTrainer.initialize); a stock base (the labeled-only baseline) is
+        # seeded here the same way from $nnssl_seed, before nnU-Net builds and initialises the network, so that a
+        # benchmark's seeds mean the same for every row
+        from nnssl import seeding
+        from nnssl.trainers.base import nnSSLTrainer
+
+        if not issubclass(base, nnSSLTrainer) and not self.was_initialized:
+            seed = seeding.resolve_seed(None)
+            if seed is not None:
+                seeding.seed_everything(seed)
+        base.initialize(self)
+
     budget = f"{epochs} epochs" + (f" x {iters} iterations" if iters else "") + \
              (f", {val_iters} validation iterations" if val_iters else "")
-    cls = type(name, (base,), {"__init__": __init__, "on_train_epoch_start": on_train_epoch_start,
+    cls = type(name, (base,), {"__init__": __init__, "initialize": initialize,
+                               "on_train_epoch_start": on_train_epoch_start,
                                "on_train_epoch_end": on_train_epoch_end, "__module__": __name__, "__qualname__": name,
                                "__doc__": f"{base_name} with a budget of {budget} (see nnssl.trainers.variants)."})
     _made[name] = cls

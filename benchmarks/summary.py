@@ -1,0 +1,214 @@
+"""One summary a user can act on: per benchmark setting, each trainer against nnU-Net on the same labels.
+
+    python benchmarks/summary.py                        # every setting in benchmarks/results -> summary.md/.png
+    python benchmarks/summary.py benchmarks/results/acdc_7cases.json --out /tmp/summary
+
+For every results file of ``benchmarks/run.py`` (its ``*_quick`` files left out), per trainer:
+
+- mean Dice ± sd over seeds (the number of seeds beside it);
+- **headroom recovered** = (trainer − labeled only) / (all labels − labeled only): 0 is no better than nnU-Net on
+  the labeled cases, 1 is as good as nnU-Net with every training label;
+- **equal compute**: trainer − the compute-matched labeled-only row (nnU-Net given as many iterations as the
+  costliest trainer's measured cost buys); positive means the unlabeled data paid for its compute;
+- **cost**: seconds per iteration over the labeled-only row's (the self-training row counts its teacher's training
+  and the prediction pass);
+- the longest training of the row in minutes (every row must stay under 60 on the benchmark's 2-core machine).
+
+The literature's numbers for the same settings stand beside ours, labelled as theirs, with their compute, so that
+nobody mistakes a short CPU budget for a reproduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from report import LOWER, LOWER_2X, MATCHED, UPPER  # noqa: E402
+
+BOUNDS = (LOWER, LOWER_2X, MATCHED, UPPER)
+
+# The literature's numbers for our settings (mean Dice over RV, Myo, LV on the 20 SSL4MIS test patients, in %),
+# with the compute behind them. Theirs, not ours: other networks, 256x256 slices, GPU budgets, test-set patients
+# that are not in shared/ (our figures are on the 10 validation patients).
+LITERATURE: Dict[str, List[dict]] = {
+    "acdc_3cases": [
+        {"method": "nnU-Net 2D, labeled only", "dice": 82.96, "compute": "300 epochs x 250 iterations",
+         "source": "nnFilterMatch README (arXiv 2509.19746), one run, lr/wd tuned per split"},
+        {"method": "nnU-Net 2D + weak/strong pseudo-label consistency", "dice": 89.51,
+         "compute": "300 epochs x 250 iterations", "source": "nnFilterMatch README"},
+        {"method": "MEDL", "dice": 89.60, "compute": "U-Net pair, BCP protocol (30 000 iterations x batch 24)",
+         "source": "MEDL paper, Table II"},
+        {"method": "BCP", "dice": 87.59, "compute": "30 000 iterations x batch 24 (12 labeled)",
+         "source": "BCP table as copied by MEDL"},
+        {"method": "UA-MT (a Mean Teacher)", "dice": 46.04, "compute": "30 000 iterations x batch 24",
+         "source": "BCP table as copied by MEDL"},
+        {"method": "ABD (CAD's base)", "dice": 86.51, "compute": "30 000 iterations x batch 24",
+         "source": "MEDL's table (ABD's own paper differs)"},
+    ],
+    "acdc_7cases": [
+        {"method": "nnU-Net 2D, labeled only", "dice": 86.31, "compute": "300 epochs x 250 iterations",
+         "source": "nnFilterMatch README (arXiv 2509.19746), one run, lr/wd tuned per split"},
+        {"method": "nnU-Net 2D + weak/strong pseudo-label consistency", "dice": 89.58,
+         "compute": "300 epochs x 250 iterations", "source": "nnFilterMatch README"},
+        {"method": "MEDL", "dice": 90.40, "compute": "U-Net pair, BCP protocol (30 000 iterations x batch 24)",
+         "source": "MEDL paper, Tables II and IV"},
+        {"method": "BCP", "dice": 88.84, "compute": "30 000 iterations x batch 24 (12 labeled)",
+         "source": "BCP table as copied by MEDL"},
+        {"method": "UA-MT (a Mean Teacher)", "dice": 81.65, "compute": "30 000 iterations x batch 24",
+         "source": "BCP table as copied by MEDL"},
+        {"method": "ABD (CAD's base)", "dice": 88.12, "compute": "30 000 iterations x batch 24",
+         "source": "MEDL's table (ABD's own paper differs)"},
+    ],
+}
+
+
+def _values(runs: dict, key: str, metric: str = "dice") -> List[float]:
+    return [e["mean"][metric] for e in runs.get(key, {}).values()
+            if e.get("mean", {}).get(metric) is not None and not math.isnan(e["mean"][metric])]
+
+
+def _fmt(v: List[float], digits: int = 3) -> str:
+    if not v:
+        return "-"
+    return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v):.{digits}f}" if len(v) > 1 else "") + f" ({len(v)})"
+
+
+def setting_rows(results: dict) -> List[dict]:
+    """One dict per row of a results file: its Dice values, headroom recovered, equal-compute difference, cost."""
+    runs = results["runs"]
+    lower, upper, matched = (np.mean(_values(runs, k)) if _values(runs, k) else None for k in (LOWER, UPPER, MATCHED))
+    out = []
+    for key, r in runs.items():
+        dice = _values(runs, key)
+        if not dice:
+            continue
+        m = float(np.mean(dice))
+        ratios = [e["time_ratio_to_nnUNetTrainer"] for e in r.values() if e.get("time_ratio_to_nnUNetTrainer")]
+        minutes = [e["train_epochs_seconds"] / 60 for e in r.values() if e.get("train_epochs_seconds")]
+        row = {"row": key, "dice": dice, "mean": m, "sd": float(np.std(dice)) if len(dice) > 1 else None,
+               "iterations": next(iter(r.values()))["iterations"],
+               "headroom": (m - lower) / (upper - lower) if None not in (lower, upper) and upper != lower else None,
+               "vs_lower": m - lower if lower is not None else None,
+               "vs_matched": m - matched if matched is not None and key not in BOUNDS else None,
+               "cost": float(np.mean(ratios)) if ratios else None,
+               "max_minutes": max(minutes) if minutes else None,
+               "hd95_vox": _values(runs, key, "hd95_vox"), "asd_vox": _values(runs, key, "asd_vox")}
+        out.append(row)
+    return out
+
+
+def verdict(row: dict, lower_sd: Optional[float]) -> str:
+    """Plain words for a trainer's row: does it beat labeled-only nnU-Net beyond seed noise, at equal compute?"""
+    if row["row"] in BOUNDS:
+        return ""
+    if row["vs_lower"] is None:
+        return "no labeled-only row yet"
+    noise = 2 * max(row["sd"] or 0.0, lower_sd or 0.0)
+    if row["vs_lower"] > noise and (row["vs_matched"] is None or row["vs_matched"] > 0):
+        return "better than nnU-Net on the same labels" + ("" if row["vs_matched"] is not None
+                                                            else " (equal-compute row missing)")
+    if row["vs_lower"] > noise:
+        return "better than labeled-only, but not than labeled-only given the same compute"
+    if row["vs_lower"] < -noise:
+        return "worse than labeled-only nnU-Net"
+    return "no difference beyond the seed spread" + ("" if noise else " (one seed: spread unknown)")
+
+
+def write_summary(paths: List[str], out: str) -> None:
+    lines = ["# nnssl benchmark summary", "",
+             "Generated by `python benchmarks/summary.py` from the results files below (each made by "
+             "`benchmarks/run.py`; its command is in the file). Dice is the mean over classes per case, then over "
+             "cases; mean ± sd (number of seeds). Headroom recovered = (row − labeled only) / (all labels − labeled "
+             "only). Equal compute = row − labeled-only nnU-Net given the costliest trainer's measured cost in "
+             "iterations. Cost = seconds per iteration over labeled-only nnU-Net's.", ""]
+    settings = []
+    for path in paths:
+        results = json.load(open(path))
+        if not results.get("runs"):
+            continue
+        name = os.path.splitext(os.path.basename(path))[0]
+        rows = setting_rows(results)
+        settings.append((name, results, rows))
+        b = results["budget"]
+        reported = ("the 10 validation patients (20 frames; the literature's split, fixed labeled patients, "
+                    "seed = training seed)" if results.get("reported_set") == "validation"
+                    else f"{results.get('test_cases')} held-out test cases (seed = fold)")
+        lines += [f"## {name}: {results['dataset']}, {results['labeled']} labeled", "",
+                  f"{results['configuration']}, {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
+                  f"{b['iterations_per_epoch']} iterations, {results['device']}; reported on {reported}.", "",
+                  "| row | iterations | mean Dice | HD95 (vox) | ASD (vox) | headroom recovered | vs labeled only | "
+                  "equal compute | cost | longest training (min) | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lower_sd = next((r["sd"] for r in rows if r["row"] == LOWER), None)
+        for r in rows:
+            f = lambda v, d=3: "-" if v is None else f"{v:+.{d}f}"  # noqa: E731
+            lines.append("| " + " | ".join([
+                r["row"], str(r["iterations"]), _fmt(r["dice"]), _fmt(r["hd95_vox"], 2), _fmt(r["asd_vox"], 2),
+                "-" if r["headroom"] is None or r["row"] in (LOWER, UPPER) else f"{r['headroom']:.2f}",
+                f(r["vs_lower"]) if r["row"] != LOWER else "", f(r["vs_matched"]),
+                "-" if r["cost"] is None else f"{r['cost']:.1f}x",
+                "-" if r["max_minutes"] is None else f"{r['max_minutes']:.0f}" + (" (over 60!)"
+                                                                                  if r["max_minutes"] > 60 else ""),
+                verdict(r, lower_sd)]) + " |")
+        lit = LITERATURE.get(name)
+        if lit:
+            lines += ["", "Theirs, for orientation only (20 test patients, 256x256 slices, GPU budgets; not "
+                          "comparable to our short CPU budget):", "",
+                      "| method (theirs) | mean Dice (%) | compute | source |", "|---|---|---|---|"]
+            lines += [f"| {x['method']} | {x['dice']:.2f} | {x['compute']} | {x['source']} |" for x in lit]
+        lines.append("")
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    plot(settings, out + ".png")
+    print("\n".join(lines))
+
+
+def plot(settings: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.5), squeeze=False)
+    for ax, (name, results, rows) in zip(axes[0], settings):
+        rows = [r for r in rows]
+        x = range(len(rows))
+        ax.bar(x, [r["mean"] for r in rows], yerr=[r["sd"] or 0 for r in rows], capsize=3,
+               color=["C0" if r["row"] in BOUNDS else "C1" for r in rows])
+        for i, r in enumerate(rows):
+            ax.text(i, r["mean"] + 0.01, f"{r['mean']:.3f}", ha="center", fontsize=7)
+        ax.set_xticks(list(x), [r["row"].replace("nnUNetTrainer ", "nnU-Net\n").replace("nnSSL_", "")
+                                for r in rows], fontsize=6, rotation=60, ha="right")
+        lo = min(r["mean"] for r in rows)
+        ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("mean Dice")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="*", help="results files (default: every benchmarks/results/*.json of run.py "
+                                              "except *_quick)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "summary"), help="path without extension")
+    args = p.parse_args(argv)
+    paths = args.results or sorted(f for f in glob.glob(os.path.join(HERE, "results", "*.json"))
+                                   if not f.endswith("_quick.json") and "runs" in json.load(open(f)))
+    write_summary(paths, args.out)
+
+
+if __name__ == "__main__":
+    main()
