@@ -41,6 +41,7 @@ setup(
             "nnssl_make_cpu_plans=nnssl.plans.cpu_plans:main",
             "nnssl_demo=nnssl.commands.demo:main",
             "nnssl_evaluate=nnssl.evaluation.evaluate:main",
+            "nnssl_pseudolabel=nnssl.commands.pseudolabel:main",
             "nnssl_convert_hc18=nnssl.dataset_conversion.hc18:main",
         ]
     },

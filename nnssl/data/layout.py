@@ -5,7 +5,9 @@ discovery of the trainers (:mod:`nnssl.data.pool`) and the converters share:
 
 - raw: ``$nnUNet_raw/DatasetXXX/imagesUnlabeled/`` with nnU-Net's channel naming;
 - preprocessed: ``$nnUNet_preprocessed/DatasetXXX/unlabeled/<data_identifier>/`` plus a manifest
-  (``nnssl_unlabeled.json``) that lists each completely written case and the preprocessing fingerprint.
+  (``nnssl_unlabeled.json``) that lists each completely written case and the preprocessing fingerprint;
+- pseudo-labels of a teacher: ``.../unlabeled/<data_identifier>/pseudo_labels/<tag>/`` with its manifest
+  (``nnssl_pseudo_labels.json``; :mod:`nnssl.data.pseudo_labels`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import os
 UNLABELED_RAW_FOLDER = "imagesUnlabeled"
 UNLABELED_PREPROCESSED_FOLDER = "unlabeled"
 UNLABELED_MANIFEST = "nnssl_unlabeled.json"
+# stored pseudo-labels (nnssl_pseudolabel): unlabeled/<data_identifier>/pseudo_labels/<teacher tag>/, one manifest
+# each (nnssl.data.pseudo_labels)
+PSEUDO_LABEL_FOLDER = "pseudo_labels"
+PSEUDO_LABEL_MANIFEST = "nnssl_pseudo_labels.json"
 
 
 def unlabeled_preprocessed_folder(preprocessed_base: str, data_identifier: str) -> str:

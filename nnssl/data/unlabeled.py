@@ -9,7 +9,9 @@ The pool joins two kinds of preprocessed images, both made with the dataset's pl
 The loader is nnU-Net's own ``nnUNetDataLoader`` (same cropping, same augmentation pipeline) without foreground
 oversampling, and its batches carry ``data``, ``keys`` and ``meta`` only: the segmentation that nnU-Net's loader
 crops alongside (real labels for hidden training cases, the non-zero mask otherwise) is dropped inside the loader,
-so no label can reach any loss. Which images make the pool of a run is :mod:`nnssl.data.pool`; the folder layout
+so no label can reach any loss. A pool of stored pseudo-labels (:class:`nnssl.data.pseudo_labels.PseudoLabeledPool`)
+replaces that segmentation by the pseudo-label and its confidence, which the batch then carries as ``target``.
+Which images make the pool of a run is :mod:`nnssl.data.pool`; the folder layout
 is :mod:`nnssl.data.layout`.
 """
 
@@ -62,10 +64,14 @@ class UnlabeledDataLoader(nnUNetDataLoader):
       negative where nnU-Net pads), ``image_shape``: the preprocessed image's spatial shape;
     - for 2D configurations (nnU-Net crops one slice of the 3D preprocessed array): ``slice_index`` and
       ``slice_count``, the slice's position in its scan and the scan's number of slices (None in 3D);
-    - ``pseudo_label``, ``confidence``: reserved for stored pseudo-labels and their per-voxel confidence
-      (None here; a pool that provides them fills these keys).
+    - ``pseudo_label``, ``confidence``: None, unless the pool provides stored pseudo-labels
+      (``provides_pseudo_labels``, :class:`nnssl.data.pseudo_labels.PseudoLabeledPool`): then the sample's
+      pseudo-label ``(*patch)`` int16 and confidence levels ``(*patch)`` int16 *after* augmentation (views of
+      the batch's ``target``), and the batch also has ``target`` ``(B, 2, *patch)``: the pool's two segmentation
+      channels augmented with the image by nnU-Net's transforms.
 
-    Metadata describes the crop, not the spatial augmentation applied to it afterwards.
+    Metadata describes the crop, not the spatial augmentation applied to it afterwards (except the pseudo-label
+    tensors, which are augmented with the image).
 
     Args:
         pool: the unlabeled pool.
@@ -94,9 +100,14 @@ class UnlabeledDataLoader(nnUNetDataLoader):
         self._crops = []
         batch = super().generate_train_batch()
         meta = []
-        for key, (shape, start) in zip(batch["keys"], self._crops):
+        pseudo = getattr(self._data, "provides_pseudo_labels", False)
+        for j, (key, (shape, start)) in enumerate(zip(batch["keys"], self._crops)):
             two_d = self.patch_size_was_2d
             meta.append({"case": key, "crop_start": start, "image_shape": shape,
                          "slice_index": start[0] if two_d else None, "slice_count": shape[0] if two_d else None,
-                         "pseudo_label": None, "confidence": None})
-        return {"data": batch["data"], "keys": batch["keys"], "meta": meta}
+                         "pseudo_label": batch["target"][j, 0] if pseudo else None,
+                         "confidence": batch["target"][j, 1] if pseudo else None})
+        out = {"data": batch["data"], "keys": batch["keys"], "meta": meta}
+        if pseudo:
+            out["target"] = batch["target"]
+        return out

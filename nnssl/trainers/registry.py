@@ -16,13 +16,21 @@ TRAINERS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "nnSSL_MEDLTrainer": ("nnssl.trainers.medl", ("2d", "3d")),
     "nnSSL_CADTrainer": ("nnssl.trainers.cad", ("2d", "3d")),
     "nnSSL_MNTrainer": ("nnssl.trainers.mn", ("3d",)),
+    "nnSSL_SelfTrainingTrainer": ("nnssl.trainers.self_training", ("2d", "3d")),
     "nnSSL_MNRandom2DTrainer": ("nnssl.trainers.mn", ("3d",)),  # M&N's ablation: random 2D weights, no LoRA
 }
 
 
-def trainer_names(dimensionality: str = None) -> Tuple[str, ...]:
-    """The nnssl trainers' names; with ``dimensionality`` ("2d" or "3d") only those that train it."""
-    return tuple(n for n, (_, dims) in TRAINERS.items() if dimensionality is None or dimensionality in dims)
+# trainers that need a step before nnUNetv2_train (nnssl_pseudolabel with a trained teacher): a runner that trains
+# every trainer the same way leaves them out with trainer_names(..., teacher_first=False)
+TEACHER_FIRST = ("nnSSL_SelfTrainingTrainer",)
+
+
+def trainer_names(dimensionality: str = None, teacher_first: bool = True) -> Tuple[str, ...]:
+    """The nnssl trainers' names; with ``dimensionality`` ("2d" or "3d") only those that train it; with
+    ``teacher_first=False`` without those of :data:`TEACHER_FIRST`."""
+    return tuple(n for n, (_, dims) in TRAINERS.items() if (dimensionality is None or dimensionality in dims)
+                 and (teacher_first or n not in TEACHER_FIRST))
 
 
 def trainer_class(name: str) -> type:
