@@ -54,8 +54,8 @@ from datasets import DATASETS, N_FOLDS, UPPER_FOLD_OFFSET, check_test_folder, co
 from report import LOWER, LOWER_2X, MATCHED, UPPER, write_report  # noqa: E402
 
 from nnssl.trainers.progress import VAL_DICE_PREFIX  # noqa: E402
-from nnssl.trainers.registry import trainer_names  # noqa: E402
-from nnssl.utils import atomic_write_json, load_json_or_none, run_command  # noqa: E402
+from nnssl.trainers.registry import TEACHER_FIRST, trainer_names  # noqa: E402
+from nnssl.utils import UserInputError, atomic_write_json, load_json_or_none, run_command  # noqa: E402
 from nnssl.workflow import Workspace, nnunet_env, planner_env  # noqa: E402
 
 # outside the repository's working tree, so that a row interrupted by the end of a session resumes with --c when
@@ -87,18 +87,28 @@ def set_time_ratios(results: dict) -> None:
     bound's fold ``UPPER_FOLD_OFFSET`` + k is seed k)."""
     for runs in results["runs"].values():
         for e in runs.values():
-            ratio = time_ratio(e, results["runs"].get(LOWER, {}).get(str(e["fold"] % N_FOLDS)))
+            lower = results["runs"].get(LOWER, {}).get(str(e["fold"] % N_FOLDS))
+            ratio = time_ratio(e, lower)
             if ratio is not None:
                 e["time_ratio_to_nnUNetTrainer"] = ratio
+            # the whole row's compute (a self-training row: its teacher's training and the prediction pass too)
+            # over the labeled-only row's, at the same iterations
+            if e.get("compute_seconds") and lower and lower.get("train_epochs_seconds") and \
+                    e["iterations"] == lower["iterations"]:
+                e["compute_ratio_to_nnUNetTrainer"] = e["compute_seconds"] / lower["train_epochs_seconds"]
+
+
+def row_cost(e: dict) -> Optional[float]:
+    """An entry's cost relative to its seed's labeled-only row: the whole row's compute where it owes more than
+    its own training (self-training: teacher and prediction pass), else its seconds per iteration's ratio."""
+    return e.get("compute_ratio_to_nnUNetTrainer") if e.get("teacher_cost") else e.get("time_ratio_to_nnUNetTrainer")
 
 
 def compute_ratio(results: dict) -> Optional[float]:
-    """The costliest SSL trainer's cost: the largest per-trainer mean of ``time_ratio_to_nnUNetTrainer`` over its
-    seeds (the bounds' rows and the self-training rows' own accounting left out), rounded up to 0.1; None when no SSL
-    row has one."""
+    """The costliest SSL trainer's cost (:func:`row_cost`): the largest per-trainer mean over its seeds, rounded up
+    to 0.1; None when no SSL row has one."""
     means = [np.mean(rs) for key, r in results.get("runs", {}).items() if key.startswith("nnSSL_")
-             for rs in [[e["time_ratio_to_nnUNetTrainer"] for e in r.values() if e.get("time_ratio_to_nnUNetTrainer")]]
-             if rs]
+             for rs in [[row_cost(e) for e in r.values() if row_cost(e)]] if rs]
     return math.ceil(max(means) * 10) / 10 if means else None
 
 
@@ -191,8 +201,10 @@ class Runner:
         return os.path.join(self.ws.results, self.ds.name, f"{variant}__{self.plans}__{self.ds.configuration}",
                             f"fold_{fold}")
 
-    def run_one(self, key: str, trainer: str, fold: int, iters: int, seed: int) -> dict:
-        """Train (or resume), predict the test list, evaluate; cached in the results file."""
+    def run_one(self, key: str, trainer: str, fold: int, iters: int, seed: int,
+                env: Optional[dict] = None) -> dict:
+        """Train (or resume), predict the test list, evaluate; cached in the results file. ``env``: more
+        environment variables for the training."""
         entry = self.results.setdefault("runs", {}).setdefault(key, {}).get(str(seed))
         if entry and entry.get("done"):
             return entry
@@ -208,7 +220,7 @@ class Runner:
             # every row of seed k is trained with $nnssl_seed = k (nnssl trainers and budget variants of stock ones
             # seed themselves from it); on the folds of a drawn split seed k is also fold k's own split
             train = self.ws.run(cmd + (["--c"] if resumed_at_epoch is not None else []), f"train {key} seed {seed}",
-                                env={**self.ws.env, "nnssl_seed": str(seed)})
+                                env={**self.ws.env, "nnssl_seed": str(seed), **(env or {})})
         log = _checkpoint(os.path.join(out, "checkpoint_final.pth"))["logging"]
         phase = log.get("train_phase_seconds", [])
         preds = os.path.join(self.work, "predictions", f"{key}_seed{seed}")
@@ -234,6 +246,7 @@ class Runner:
                  "mean": over, "seconds_per_iteration": float(np.median(phase)) / iters if phase else None,
                  "train_command": " ".join(map(str, cmd)),
                  "train_epochs_seconds": round(_epochs_seconds(log), 1),
+                 "compute_seconds": round(_epochs_seconds(log), 1),
                  # wall time of one uninterrupted training process; a resumed run has none (its epochs' own
                  # durations are in train_epochs_seconds, restored with the checkpoint's log)
                  "train_wall_seconds": (None if train is None or resumed_at_epoch is not None
@@ -262,6 +275,39 @@ class Runner:
             entry["test_folder"] = self.evaluate_test_folder(key, variant, fold, seed)
         entry["over_60_minutes"] = bool(entry["train_epochs_seconds"] > 3600)
         self.results["runs"][key][str(seed)] = entry
+        self.save()
+        return entry
+
+    def run_self_training(self, trainer: str, seed: int) -> dict:
+        """Offline self-training, one round: the seed's labeled-only row is the teacher, ``nnssl_pseudolabel``
+        labels the fold's pool with it (mirroring on, as a user would), the student trains on the same budget. Its
+        entry counts the teacher's training and the prediction pass (``teacher_cost``, ``compute_seconds``)."""
+        from nnssl.data.layout import PSEUDO_LABEL_MANIFEST as MANIFEST
+        from nnssl.data.pseudo_labels import teacher_cost
+
+        entry = self.results.setdefault("runs", {}).setdefault(trainer, {}).get(str(seed))
+        if entry and entry.get("done"):
+            return entry
+        ds, a = self.ds, self.args
+        teacher = "nnUNetTrainer" + self.budget(a.iters)
+        self.run_one(LOWER, "nnUNetTrainer", seed, a.iters, seed)
+        if not os.path.isfile(os.path.join(self.output_folder(teacher, seed), "checkpoint_final.pth")):
+            raise UserInputError(f"the teacher of {trainer} seed {seed}, the labeled-only row, is in "
+                                 f"{self.results_path}.json but its checkpoint is not in the workspace {self.work}: "
+                                 f"delete that row's seed {seed} entry from the results file to retrain it there")
+        tag = f"{teacher}__{self.plans}__{ds.configuration}__fold_{seed}"
+        identifier = json.load(open(os.path.join(self.pre_folder, self.plans + ".json")))["configurations"][
+            ds.configuration]["data_identifier"]
+        store = os.path.join(self.pre_folder, "unlabeled", identifier, "pseudo_labels", tag)
+        manifest = load_json_or_none(os.path.join(store, MANIFEST))
+        if not (manifest and manifest.get("complete")):
+            self.ws.run(["nnssl_pseudolabel", "-d", ds.id, "-c", ds.configuration, "-f", seed, "-tr", teacher, "-p",
+                         self.plans, "-device", a.device, "--no-progress"], f"pseudolabel seed {seed}")
+            manifest = json.load(open(os.path.join(store, MANIFEST)))
+        entry = self.run_one(trainer, trainer, seed, a.iters, seed, env={"nnssl_pseudo_labels": tag})
+        cost = teacher_cost(manifest)
+        entry["teacher_cost"] = {"teacher": teacher, "store": tag, **cost}
+        entry["compute_seconds"] = round(entry["train_epochs_seconds"] + cost["seconds"], 1)
         self.save()
         return entry
 
@@ -321,7 +367,10 @@ class Runner:
                 self.run_one(LOWER_2X, "nnUNetTrainer", seed, 2 * a.iters, seed)
             if "ssl" in rows:
                 for tr in trainers:
-                    self.run_one(tr, tr, seed, a.iters, seed)
+                    if tr in TEACHER_FIRST:
+                        self.run_self_training(tr, seed)
+                    else:
+                        self.run_one(tr, tr, seed, a.iters, seed)
                     set_time_ratios(self.results)
                     self.save()
             if "upper" in rows:

@@ -93,7 +93,10 @@ def setting_rows(results: dict) -> List[dict]:
         if not dice:
             continue
         m = float(np.mean(dice))
-        ratios = [e["time_ratio_to_nnUNetTrainer"] for e in r.values() if e.get("time_ratio_to_nnUNetTrainer")]
+        # a self-training row owes its teacher's training and the prediction pass: its whole compute counts
+        ratios = [e.get("compute_ratio_to_nnUNetTrainer") if e.get("teacher_cost") else
+                  e.get("time_ratio_to_nnUNetTrainer") for e in r.values()]
+        ratios = [x for x in ratios if x]
         minutes = [e["train_epochs_seconds"] / 60 for e in r.values() if e.get("train_epochs_seconds")]
         row = {"row": key, "dice": dice, "mean": m, "sd": float(np.std(dice)) if len(dice) > 1 else None,
                "iterations": next(iter(r.values()))["iterations"],

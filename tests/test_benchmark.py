@@ -31,10 +31,10 @@ def _benchmark_script(name: str):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "Task04_Hippocampus")),
                     reason=f"real data not found in {DATA} (Task04_Hippocampus)")
 def test_quick_benchmark_chain(tmp_path):
-    # two SSL trainers keep the chain short (every trainer has its own end-to-end test): Mean Teacher, and CAD for
-    # its timed region search and its other networks' validation
+    # three SSL trainers keep the chain short (every trainer has its own end-to-end test): Mean Teacher, CAD for
+    # its timed region search and its other networks' validation, self-training for its teacher step and cost
     results = str(tmp_path / "res")
-    trainers = ["nnSSL_MeanTeacherTrainer", "nnSSL_CADTrainer"]
+    trainers = ["nnSSL_MeanTeacherTrainer", "nnSSL_CADTrainer", "nnSSL_SelfTrainingTrainer"]
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "run.py"), "--dataset", "hippocampus", "--quick",
            "--work", str(tmp_path / "work"), "--results", results, "--trainers", *trainers]
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # no weight download in a test
@@ -53,8 +53,18 @@ def test_quick_benchmark_chain(tmp_path):
     cad_curves = r["runs"]["nnSSL_CADTrainer"]["0"]["learning_curve"]
     assert {"val_dice_teacher", "val_dice_student_2"} <= set(cad_curves)
     assert "nnSSL_CADTrainer: deployed" in open(results + ".md").read()
-    # the compute-matched row follows the costliest SSL trainer (rounded up to 0.1)
-    costliest = max(r["runs"][t]["0"]["time_ratio_to_nnUNetTrainer"] for t in trainers)
+    # offline self-training: the labeled-only row taught it, and its cost counts that teacher's training and the
+    # prediction pass of the pool
+    st = r["runs"]["nnSSL_SelfTrainingTrainer"]["0"]
+    lower = r["runs"]["nnUNetTrainer (labeled only)"]["0"]
+    assert st["teacher_cost"]["teacher"] == lower["trainer"]
+    assert st["teacher_cost"]["teacher_training_seconds"] == pytest.approx(lower["train_epochs_seconds"], abs=0.1)
+    assert st["teacher_cost"]["prediction_seconds"] > 0
+    assert st["compute_seconds"] == pytest.approx(st["train_epochs_seconds"] + st["teacher_cost"]["seconds"], abs=0.2)
+    assert st["compute_ratio_to_nnUNetTrainer"] > st["time_ratio_to_nnUNetTrainer"]
+    # the compute-matched row follows the costliest SSL trainer (rounded up to 0.1; self-training's whole cost)
+    costliest = max(r["runs"][t]["0"]["compute_ratio_to_nnUNetTrainer" if t == "nnSSL_SelfTrainingTrainer"
+                                      else "time_ratio_to_nnUNetTrainer"] for t in trainers)
     assert costliest <= r["compute_ratio"] < costliest + 0.1 + 1e-9
     for runs in r["runs"].values():
         e = runs["0"]
