@@ -86,6 +86,15 @@ def write_report(results: dict, path: str) -> None:
     if others:
         lines += ["", "Validation pseudo-Dice of each trainer's networks (nnU-Net's online validation on the fold's "
                   "validation cases, mean of the last 5 epochs; the deployed network first): " + "; ".join(others)]
+    taught = [f"{key} seed {seed}: own training {e['train_epochs_seconds'] / 60:.1f} min + teacher "
+              f"{e['teacher_cost']['teacher_training_seconds'] / 60:.1f} min + prediction pass "
+              f"{e['teacher_cost']['prediction_seconds'] / 60:.1f} min = "
+              f"{e['compute_ratio_to_nnUNetTrainer']:.2f}x the labeled-only row"
+              for key, r in runs.items() for seed, e in r.items()
+              if e.get("teacher_cost") and e.get("compute_ratio_to_nnUNetTrainer")]
+    if taught:
+        lines += ["", "Offline self-training's whole cost (its teacher is the seed's labeled-only row; the table's "
+                  "time ratio is its own iterations only): " + "; ".join(taught)]
     resumed = [f"{key} seed {seed} at epoch {e['resumed_at_epoch']}" for key, r in runs.items()
                for seed, e in r.items() if e.get("resumed_at_epoch") is not None]
     if resumed:
