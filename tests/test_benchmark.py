@@ -178,8 +178,9 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
                "runs": {"nnUNetTrainer (labeled only)": {"0": entry(0.60, 1.0), "1": entry(0.62, 1.0)},
                         "nnUNetTrainer (all labels, upper bound)": {"0": entry(0.90)},
                         "nnUNetTrainer (labeled only, compute-matched)": {"0": entry(0.70, 1.0, 400)},
-                        "nnSSL_A": {"0": entry(0.76, 4.0)}, "nnSSL_B": {"0": entry(0.66, 2.0)},
-                        "nnSSL_C": {"0": entry(0.50, 2.0)}}}
+                        "nnSSL_A": {"0": entry(0.75, 4.0), "1": entry(0.77, 4.0)},
+                        "nnSSL_B": {"0": entry(0.66, 2.0), "1": entry(0.66, 2.0)},
+                        "nnSSL_C": {"0": entry(0.50, 2.0), "1": entry(0.50, 2.0)}}}
     rows = {r["row"]: r for r in summary.setting_rows(results)}
     assert rows["nnSSL_A"]["headroom"] == pytest.approx((0.76 - 0.61) / (0.90 - 0.61))
     assert rows["nnSSL_A"]["vs_matched"] == pytest.approx(0.06)
@@ -188,6 +189,8 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert summary.verdict(rows["nnSSL_A"], lower_sd).startswith("better than nnU-Net")
     assert "not than labeled-only given the same compute" in summary.verdict(rows["nnSSL_B"], lower_sd)
     assert summary.verdict(rows["nnSSL_C"], lower_sd).startswith("worse")
+    # one seed of a trainer: no verdict beyond "spread unknown"
+    assert "spread is unknown" in summary.verdict(dict(rows["nnSSL_A"], sd=None), lower_sd)
     path = json.dumps(results)
     (tmp_path / "acdc_7cases.json").write_text(path)
     summary.write_summary([str(tmp_path / "acdc_7cases.json")], str(tmp_path / "summary"))
