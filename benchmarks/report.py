@@ -108,7 +108,7 @@ def write_report(results: dict, path: str) -> None:
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
               f"{b['iterations_per_epoch']} iterations (compute-matched row: more iterations per epoch), device "
               f"{results['device']}; mean ± sd over seeds (folds) {results['seeds']}. Reproduce: "
-              f"`{results['command']}`"]
+              + ("; then ".join(f"`{c}`" for c in results.get("commands") or [results["command"]]))]
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(results, path + ".png")

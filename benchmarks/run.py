@@ -143,13 +143,40 @@ class Runner:
         self.ws = Workspace(self.work, env, log=lambda title: os.path.join(self.work, "logs",
                                                                            title.replace(" ", "_") + ".log"),
                             echo="benchmark")
-        self.plans = "nnUNetPlans_cpu" if args.plans == "cpu" else "nnUNetPlans"
-        fraction = self.ds.setting_name(args.labeled)
-        self.results_path = args.results or os.path.join(HERE, "results",
-                                                         f"{args.dataset}_{fraction}{'_quick' if args.quick else ''}")
+        # CPU plans other than the dataset's default get their own plans name (and results file), so that they
+        # share the workspace's data and splits without ever reusing plans made with other numbers
+        self.spacing_factor = args.spacing_factor if args.spacing_factor is not None else self.ds.spacing_factor
+        self.batch_size = args.batch_size or self.ds.batch_size
+        tag = cpu_plans_tag(self.ds, self.spacing_factor, self.batch_size, args.features_scale)
+        self.plans = f"nnUNetPlans_cpu{tag}" if args.plans == "cpu" else "nnUNetPlans"
+        fraction = self.ds.setting_name(args.labeled) + (tag if args.plans == "cpu" else "")
+        self.default_results_path = os.path.join(HERE, "results",
+                                                 f"{args.dataset}_{fraction}{'_quick' if args.quick else ''}")
+        self.results_path = args.results or self.default_results_path
         self.results = load_json_or_none(self.results_path + ".json") or {}
         self.raw_folder = os.path.join(self.ws.raw, self.ds.name)
         self.pre_folder = os.path.join(self.ws.preprocessed, self.ds.name)
+
+    def command(self) -> str:
+        """This call's command line as a newcomer runs it from the repository: ``--results`` relative to it, and
+        left out where it is the default."""
+        argv, out, skip = list(sys.argv[1:]), [], False
+        default = self.default_results_path
+        for i, x in enumerate(argv):
+            if skip:
+                skip = False
+                continue
+            if x == "--results" and i + 1 < len(argv):
+                path = os.path.abspath(argv[i + 1])
+                skip = True
+                if path == os.path.abspath(default):
+                    continue
+                if path.startswith(os.path.dirname(HERE) + os.sep):
+                    path = os.path.relpath(path, os.path.dirname(HERE))
+                out += ["--results", path]
+                continue
+            out.append(x)
+        return "python benchmarks/run.py " + " ".join(shlex.quote(x) for x in out)
 
     def save(self) -> None:
         atomic_write_json(self.results, self.results_path + ".json")
@@ -167,11 +194,16 @@ class Runner:
                 os.path.join(self.pre_folder, "gt_segmentations")):
             ws.run(["nnUNetv2_plan_and_preprocess", "-d", ds.id, "-c", ds.configuration, "-np", 2, "-npfp", 2],
                    "plan and preprocess", env=plan_env)
-        if self.plans == "nnUNetPlans_cpu":
-            if not os.path.isfile(os.path.join(self.pre_folder, self.plans + ".json")):
-                ws.run(["nnssl_make_cpu_plans", "-d", ds.id, "-c", ds.configuration, "--features-scale",
-                        a.features_scale, "--batch-size", a.batch_size or ds.batch_size, "--spacing-factor",
-                        ds.spacing_factor], "cpu plans")
+        if a.plans == "cpu":
+            plans_file = os.path.join(self.pre_folder, self.plans + ".json")
+            if not os.path.isfile(plans_file):
+                ws.run(["nnssl_make_cpu_plans", "-d", ds.id, "-c", ds.configuration, "-o", self.plans,
+                        "--features-scale", a.features_scale, "--batch-size", self.batch_size, "--spacing-factor",
+                        self.spacing_factor], "cpu plans")
+            batch = json.load(open(plans_file))["configurations"][ds.configuration]["batch_size"]
+            if batch != self.batch_size:  # e.g. a workspace from before the plans name told the numbers apart
+                raise UserInputError(f"{plans_file} has batch size {batch}, not the requested {self.batch_size}: "
+                                     f"delete it (and its preprocessed folder) or use another --work")
             identifier = json.load(open(os.path.join(self.pre_folder, self.plans + ".json")))[
                 "configurations"][ds.configuration]["data_identifier"]
             if not os.path.isdir(os.path.join(self.pre_folder, identifier)):
@@ -356,7 +388,11 @@ class Runner:
                          "seed k = fold k of the benchmark's splits_final.json (own validation cases and labeled "
                          "subset) and training seed k ($nnssl_seed); the test list is never used for training or "
                          "checkpoint selection (checkpoint_final is evaluated)"),
-            "command": "python benchmarks/run.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])})
+            "command": self.command()})
+        # every call that added rows, in order: a table made in several calls is reproduced by all of them
+        commands = self.results.setdefault("commands", [])
+        if self.results["command"] not in commands:
+            commands.append(self.results["command"])
         self.save()
         trainers = a.trainers if a.trainers is not None else trainer_names(self.ds.dimensionality)
         rows = set(a.rows)
@@ -403,6 +439,19 @@ class Runner:
 ROWS = ("lower", "lower2x", "ssl", "upper", "matched")
 
 
+def cpu_plans_tag(ds, spacing_factor: float, batch_size: int, features_scale: float) -> str:
+    """The suffix of the CPU plans' name and of the results file for CPU plans other than the dataset's default
+    (``""``; ``"_sf8"`` for ``--spacing-factor 8``, ``"_sf2_b2"``, ``"_f0.5"`` ...)."""
+    parts = []
+    if spacing_factor != ds.spacing_factor:
+        parts.append(f"sf{spacing_factor:g}")
+    if batch_size != ds.batch_size:
+        parts.append(f"b{batch_size}")
+    if features_scale != 0.25:
+        parts.append(f"f{features_scale:g}")
+    return "".join("_" + x for x in parts)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
@@ -416,7 +465,12 @@ def main(argv=None) -> None:
     p.add_argument("--plans", choices=("cpu", "default"), default="cpu",
                    help="cpu: nnssl_make_cpu_plans variant (features x0.25, HC18 at 4x spacing); default: nnU-Net's")
     p.add_argument("--features-scale", type=float, default=0.25)
-    p.add_argument("--batch-size", type=int, default=None, help="CPU plans' batch size (4 Hippocampus, 8 HC18)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="CPU plans' batch size (default 4 Hippocampus, 8 HC18 and ACDC)")
+    p.add_argument("--spacing-factor", type=float, default=None,
+                   help="CPU plans at this factor times nnU-Net's spacing (default 1 Hippocampus, 2 ACDC, 4 HC18); "
+                        "like --batch-size and --features-scale, a value other than the default names its own plans "
+                        "and results file (e.g. hc18_10pct_sf8)")
     p.add_argument("--trainers", nargs="*", default=None,
                    help="nnSSL trainers (default: every registered one that trains the dataset's configuration)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

@@ -117,7 +117,7 @@ def test_report_lists_the_other_networks_validation_dice():
         "nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
 
 
-@pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct"])
+@pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases"])
 def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
     """Results files written by earlier versions of the runner still make the same report."""
     report = _benchmark_script("report")
@@ -234,3 +234,13 @@ def test_test_folder_checks(tmp_path):
         datasets.check_test_folder(str(folder), dj)
     _label_file(folder / "labelsTr" / "p2_frame01.nii.gz", [0, 1, 0])
     assert datasets.check_test_folder(str(folder), dj) == (str(folder / "imagesTr"), str(folder / "labelsTr"))
+
+
+def test_cpu_plans_other_than_the_default_get_their_own_name():
+    """--spacing-factor / --batch-size / --features-scale other than the dataset's default name their own plans and
+    results file, so that rows of other plans never land in (or reuse plans of) the default setting's."""
+    run = _benchmark_script("run")
+    hc18 = run.DATASETS["hc18"]
+    assert run.cpu_plans_tag(hc18, hc18.spacing_factor, hc18.batch_size, 0.25) == ""
+    assert run.cpu_plans_tag(hc18, 8.0, hc18.batch_size, 0.25) == "_sf8"
+    assert run.cpu_plans_tag(run.DATASETS["hippocampus"], 2.0, 2, 0.5) == "_sf2_b2_f0.5"
