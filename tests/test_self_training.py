@@ -13,9 +13,11 @@ from conftest import DATASET
 from trainer_helpers import make_trainer, started
 from nnssl.commands.pseudolabel import pool_cases
 from nnssl.data.layout import preprocessing_fingerprint
-from nnssl.data.pseudo_labels import (PseudoLabelStore, confidence_levels, confidence_weight, epochs_seconds,
-                                      identity, leak_problem, stores_folder, teacher_cost)
+from nnssl.data.pseudo_labels import (PseudoLabeledPool, PseudoLabelStore, case_files, confidence_levels,
+                                      confidence_weight, epochs_seconds, identity, leak_problem, stores_folder,
+                                      teacher_cost)
 from nnssl.data.pool import find_unlabeled_pool
+from nnssl.data.unlabeled import UnlabeledDataLoader
 from nnssl.trainers.self_training import nnSSL_SelfTrainingTrainer
 
 CFG = "3d_fullres"
@@ -143,3 +145,45 @@ def test_refuses_missing_leaky_stale_and_incomplete_pseudo_labels(workspace):
     _fake_store(complete=False)
     msg = refusal()
     assert "incomplete" in msg and "rerun" in msg
+
+
+def test_pool_reads_stored_pseudo_labels_as_memory_maps_and_crops_them_unchanged(workspace):
+    """The pool opens the stored files as memory maps (a large 3D store is not read whole into memory first) and
+    nnU-Net's cropping (no augmentation here) still yields exactly the stored values: pseudo-label (-1 outside the
+    preprocessed crop mask and in padding) and confidence levels, at the crop the loader reports."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    store = _fake_store()
+    # other confidences per voxel than _fake_store's constant, so the levels channel is checked too
+    for i, case in enumerate(store.manifest["cases"]):
+        pl = np.load(case_files(store.folder, case)[0])
+        store.write_case(case, pl, np.random.default_rng(i).uniform(0.3, 1.0, pl.shape), "unlabeled")
+    pre = join(os.environ["nnUNet_preprocessed"], DATASET)
+    plans = load_json(join(pre, PLANS + ".json"))
+    cfg = plans["configurations"][CFG]
+    pool = find_unlabeled_pool(pre, plans, cfg, CFG, 0, infer_dataset_class(join(pre, cfg["data_identifier"])))
+    reads = []
+    eager_load_case = store.load_case
+
+    def recording_load_case(case, mmap=False):
+        reads.append(eager_load_case(case, mmap=mmap))
+        return reads[-1]
+
+    store.load_case = recording_load_case
+    patch = [max(4, s // 2) for s in cfg["patch_size"]]  # smaller than the images: crops at varying places
+    loader = UnlabeledDataLoader(PseudoLabeledPool(pool, store), 4, patch, patch,
+                                 PlansManager(plans).get_label_manager(load_json(join(pre, "dataset.json"))))
+    np.random.seed(0)
+    batch = next(loader)
+    assert reads and all(isinstance(a, np.memmap) for pair in reads for a in pair)
+    for j, meta in enumerate(batch["meta"]):
+        seg = np.asarray(pool.load_case(meta["case"])[1])[0]
+        pl, conf = (np.load(f) for f in case_files(store.folder, meta["case"]))  # read whole, no memory map
+        full = np.stack([np.where(seg < 0, -1, pl), confidence_levels(conf)]).astype(np.int16)
+        start = meta["crop_start"]
+        pad = [(max(0, -s), max(0, s + p - n)) for s, p, n in zip(start, patch, full.shape[1:])]
+        padded = np.pad(full, [(0, 0)] + pad, constant_values=-1)
+        expected = padded[(slice(None),) + tuple(slice(s + b, s + b + p) for s, (b, _), p in zip(start, pad, patch))]
+        assert np.array_equal(batch["target"][j].numpy(), expected), meta["case"]
+        assert torch.equal(meta["pseudo_label"], batch["target"][j, 0])
