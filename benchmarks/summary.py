@@ -80,6 +80,12 @@ CAVEATS = {
     "hc18_10pct_sf8": "Issue 24's rerun of hc18_10pct after the faithfulness fixes, on coarser CPU plans (8x "
                       "spacing, 1.03 mm) so that MEDL and CAD fit 60 minutes; 10 % labels leave 0.006 Dice of "
                       "headroom here, so headroom recovered is dominated by noise.",
+    "hippocampus_4cases_sf1.5_b2": "The low-label 3D setting (issue 21): 4 labeled cases per fold, CPU plans at 1.5x "
+                                   "spacing (1.5 mm, patch 24x36x24, batch 2) so that the costliest trainer (M&N, "
+                                   "0.50 s per step) fits 60 minutes at 4000 iterations; chosen over 8 labeled "
+                                   "cases by its larger headroom (hippocampus_8cases_sf1.5_b2).",
+    "hippocampus_8cases_sf1.5_b2": "Only the bounds, run to choose the low-label 3D setting: 8 labeled cases leave "
+                                   "less headroom than 4 (hippocampus_4cases_sf1.5_b2), so no trainer runs here.",
     "hippocampus_10pct": "Measured before the faithfulness fixes of issue 24 (Mean Teacher's consistency weight, "
                          "M&N's per-network epochs); M&N's 2D network started from random weights (before the "
                          "shipped ImageNet weights); M&N trained over 60 minutes; 0.019 Dice of headroom.",

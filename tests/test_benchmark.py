@@ -117,7 +117,8 @@ def test_report_lists_the_other_networks_validation_dice():
         "nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
 
 
-@pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8"])
+@pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8", "acdc_3cases",
+                                  "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2"])
 def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
     """Results files written by earlier versions of the runner still make the same report."""
     report = _benchmark_script("report")
