@@ -61,9 +61,14 @@ def session_workspace(tmp_path_factory) -> str:
 def workspace(session_workspace, tmp_path, monkeypatch) -> str:
     """A private copy of the session workspace with nnU-Net's environment pointing at it (the user's
     ``nnUNet_extTrainer`` is left as it is: the tests of the stock commands set it themselves)."""
-    root = str(tmp_path / "ws")
-    shutil.copytree(session_workspace, root)
-    env = nnunet_env(root)
+    return private_copy(session_workspace, tmp_path, monkeypatch)
+
+
+def private_copy(root, tmp_path, monkeypatch) -> str:
+    """A copy of the workspace ``root`` under ``tmp_path/ws``, nnU-Net's environment pointing at it."""
+    ws = str(tmp_path / "ws")
+    shutil.copytree(root, ws)
+    env = nnunet_env(ws)
     for k in workflow.FOLDER_VARS + tuple(TEST_SETTINGS):
         monkeypatch.setenv(k, env[k])
-    return root
+    return ws

@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import DATASET, DATASET_ID, TEST_SETTINGS, nnunet_env, run, script
+from conftest import DATASET, DATASET_ID, nnunet_env, private_copy, run, script
 from trainer_helpers import env_with_ext_trainer, make_trainer, started
 from nnssl import workflow
 from nnssl.data.pseudo_labels import PseudoLabelStore, case_files, teacher_cost
@@ -167,7 +167,7 @@ def _train_teacher_fold(root, fold):
 @pytest.fixture(scope="module")
 def teachers(session_workspace, tmp_path_factory) -> str:
     """A copy of the session workspace with the 3d_fullres teacher (TEACHER) trained on fold 0, once for the
-    module's tests (each works on its own copy, :func:`_private_copy`)."""
+    module's tests (each works on its own copy, :func:`conftest.private_copy`)."""
     root = str(tmp_path_factory.mktemp("teachers") / "ws")
     shutil.copytree(session_workspace, root)
     _train_teacher_fold(root, 0)
@@ -180,16 +180,6 @@ def teachers_two_folds(teachers) -> str:
     if not os.path.isfile(_teacher_checkpoint(teachers, 1)):
         _train_teacher_fold(teachers, 1)
     return teachers
-
-
-def _private_copy(root, tmp_path, monkeypatch) -> str:
-    """A copy of ``root`` for one test, nnU-Net's environment pointing at it (as conftest's ``workspace``)."""
-    ws = str(tmp_path / "ws")
-    shutil.copytree(root, ws)
-    env = nnunet_env(ws)
-    for k in workflow.FOLDER_VARS + tuple(TEST_SETTINGS):
-        monkeypatch.setenv(k, env[k])
-    return ws
 
 
 def _with_sitecustomize(env, folder, code, **variables):
@@ -237,7 +227,7 @@ pseudo_labels.PseudoLabelStore.write_case = _write_case_pausing_before_listing
 @pytest.mark.slow
 def test_sigkilled_pseudolabel_leaves_an_incomplete_store_that_the_same_command_completes(teachers, tmp_path,
                                                                                          monkeypatch):
-    workspace = _private_copy(teachers, tmp_path, monkeypatch)
+    workspace = private_copy(teachers, tmp_path, monkeypatch)
     env = env_with_ext_trainer()
     store, _, _ = _store(workspace, "3d_fullres")
 
@@ -319,7 +309,7 @@ nnSSLTrainer.train_step = _report_and_stop
 def test_self_training_student_starts_from_the_teachers_pretrained_weights(teachers, tmp_path, monkeypatch):
     from test_self_training import _fake_store  # any complete store of fold 0's pool lets the student start
 
-    workspace = _private_copy(teachers, tmp_path, monkeypatch)
+    workspace = private_copy(teachers, tmp_path, monkeypatch)
     _fake_store()
     teacher_checkpoint = _teacher_checkpoint(workspace, 0)
     report = tmp_path / "start_state.pth"
@@ -346,7 +336,7 @@ def test_self_training_student_starts_from_the_teachers_pretrained_weights(teach
 @pytest.mark.slow
 def test_ensemble_teacher_of_two_folds_equals_nnunet_predict_and_keeps_either_folds_validation_out(
         teachers_two_folds, tmp_path, monkeypatch):
-    workspace = _private_copy(teachers_two_folds, tmp_path, monkeypatch)
+    workspace = private_copy(teachers_two_folds, tmp_path, monkeypatch)
     env = env_with_ext_trainer()
     splits = json.load(open(os.path.join(workspace, "pre", DATASET, "splits_final.json")))
     w0, w1 = (torch.load(_teacher_checkpoint(workspace, f), map_location="cpu", weights_only=False)["network_weights"]
