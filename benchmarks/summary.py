@@ -92,6 +92,28 @@ CAVEATS = {
 }
 
 
+# a trainer and its ablation (same method, one ingredient removed): the summary prints their difference and cost
+ABLATIONS = {
+    "nnSSL_MNTrainer": ("nnSSL_MNRandom2DTrainer",
+                        "M&N's shipped ImageNet EfficientNet-Lite0 2D weights (LoRA) against random 2D weights"),
+}
+
+
+def ablations(rows: List[dict]) -> List[str]:
+    """One sentence per trainer whose ablation row exists too: Dice difference (trainer − ablation, both means over
+    their seeds) and the trainer's cost over the ablation's (each row's cost per iteration over labeled-only's)."""
+    by = {r["row"]: r for r in rows}
+    out = []
+    for key, (other, what) in ABLATIONS.items():
+        if key in by and other in by:
+            a, b = by[key], by[other]
+            cost = (f"; cost {a['cost'] / b['cost']:.2f}x the ablation's ({a['cost']:.1f}x against "
+                    f"{b['cost']:.1f}x labeled-only)" if a["cost"] and b["cost"] else "")
+            out.append(f"Ablation, {what}: {key} {a['mean']:.3f} ({len(a['dice'])}) − {other} {b['mean']:.3f} "
+                       f"({len(b['dice'])}) = {a['mean'] - b['mean']:+.3f} mean Dice{cost}.")
+    return out
+
+
 def _values(runs: dict, key: str, metric: str = "dice") -> List[float]:
     return [e["mean"][metric] for e in runs.get(key, {}).values()
             if e.get("mean", {}).get(metric) is not None and not math.isnan(e["mean"][metric])]
@@ -187,6 +209,9 @@ def write_summary(paths: List[str], out: str) -> None:
                 "-" if r["max_minutes"] is None else f"{r['max_minutes']:.0f}" + (" (over 60!)"
                                                                                   if r["max_minutes"] > 60 else ""),
                 verdict(r, lower_sd)]) + " |")
+        abl = ablations(rows)
+        if abl:
+            lines += [""] + abl
         lit = LITERATURE.get(name)
         if lit:
             lines += ["", "Theirs, for orientation only (20 test patients, 256x256 slices, GPU budgets; not "

@@ -198,6 +198,21 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "90.40" in md and "theirs" in md.lower()  # the literature beside ours, labelled as theirs
     assert os.path.isfile(tmp_path / "summary.png")
+    assert "Ablation" not in md  # no trainer with its ablation in this file
+
+
+def test_summary_ablation_difference_and_cost():
+    """M&N with the shipped 2D weights against its random-weights ablation: Dice difference and cost ratio."""
+    summary = _benchmark_script("summary")
+    e = lambda d, r: {"mean": {"dice": d}, "iterations": 100, "time_ratio_to_nnUNetTrainer": r}  # noqa: E731
+    results = {"runs": {"nnUNetTrainer (labeled only)": {"0": e(0.80, 1.0)},
+                        "nnSSL_MNTrainer": {"0": e(0.77, 6.0), "1": e(0.79, 6.0)},
+                        "nnSSL_MNRandom2DTrainer": {"0": e(0.74, 4.0)}}}
+    rows = summary.setting_rows(results)
+    (line,) = summary.ablations(rows)
+    assert "0.780 (2)" in line and "0.740 (1)" in line and "+0.040 mean Dice" in line
+    assert "cost 1.50x the ablation's" in line
+    assert summary.ablations([r for r in rows if r["row"] != "nnSSL_MNRandom2DTrainer"]) == []
 
 
 @pytest.mark.parametrize("labeled,message", [("5", "3 and 7"), ("x", "--labeled")])
