@@ -95,7 +95,8 @@ CAVEATS = {
 # a trainer and its ablation (same method, one ingredient removed): the summary prints their difference and cost
 ABLATIONS = {
     "nnSSL_MNTrainer": ("nnSSL_MNRandom2DTrainer",
-                        "M&N's shipped ImageNet EfficientNet-Lite0 2D weights (LoRA) against random 2D weights"),
+                        "M&N's 2D network from the shipped ImageNet EfficientNet-Lite0 weights with LoRA, against "
+                        "random weights trained in full (no LoRA)"),
 }
 
 
