@@ -32,11 +32,12 @@ LOWER_2X = "nnUNetTrainer (labeled only, 2x iterations)"
 
 
 def _mean_sd(values: List[Optional[float]]) -> str:
-    """``mean ± sd`` of the measured values (None and NaN left out; no sd for one value), ``-`` for none."""
+    """``mean ± sd`` of the measured values (None and NaN left out; sample sd, n - 1; no sd for one value), ``-``
+    for none."""
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not v:
         return "-"
-    return f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")
+    return f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
 
 
 def _other_networks_lines(runs: dict, last: int = 5) -> List[str]:
@@ -107,7 +108,7 @@ def write_report(results: dict, path: str) -> None:
     lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {reported}, "
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
               f"{b['iterations_per_epoch']} iterations (compute-matched row: more iterations per epoch), device "
-              f"{results['device']}; mean ± sd over seeds (folds) {results['seeds']}. Reproduce: "
+              f"{results['device']}; mean ± sample sd over seeds (folds) {results['seeds']}. Reproduce: "
               + ("; then ".join(f"`{c}`" for c in results.get("commands") or [results["command"]]))]
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -124,7 +125,8 @@ def plot(results: dict, path: str) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     keys = list(runs)
     means = [np.mean([e["mean"]["dice"] for e in runs[k].values()]) for k in keys]
-    sds = [np.std([e["mean"]["dice"] for e in runs[k].values()]) for k in keys]
+    sds = [np.std([e["mean"]["dice"] for e in runs[k].values()], ddof=1) if len(runs[k]) > 1 else 0.0
+           for k in keys]
     ax.bar(range(len(keys)), means, yerr=sds, color=["C0", *["C1"] * (len(keys) - 3), "C2", "C3"][:len(keys)],
            capsize=4)
     for i, m in enumerate(means):

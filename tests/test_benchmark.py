@@ -187,6 +187,7 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert rows["nnSSL_A"]["vs_matched"] == pytest.approx(0.06)
     assert rows["nnSSL_A"]["cost"] == 4.0
     lower_sd = rows["nnUNetTrainer (labeled only)"]["sd"]
+    assert lower_sd == pytest.approx(0.02 / 2 ** 0.5)  # the sample sd (n - 1) of 0.60 and 0.62, not 0.01
     assert summary.verdict(rows["nnSSL_A"], lower_sd).startswith("better than nnU-Net")
     assert "not than labeled-only given the same compute" in summary.verdict(rows["nnSSL_B"], lower_sd)
     assert summary.verdict(rows["nnSSL_C"], lower_sd).startswith("worse")
