@@ -193,6 +193,18 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert summary.verdict(rows["nnSSL_C"], lower_sd).startswith("worse")
     # one seed of a trainer: no verdict beyond "spread unknown"
     assert "spread is unknown" in summary.verdict(dict(rows["nnSSL_A"], sd=None), lower_sd)
+    # paired by seed: labeled-only spread 0.1 (0.5/0.6/0.7), the trainer +0.03 on each seed. Unpaired that is no
+    # difference (0.03 < 2 x 0.1); paired it is a gain (+0.03 ± 0.00); a trainer whose per-seed differences flip
+    # sign is no difference either way
+    seeds3 = {"nnUNetTrainer (labeled only)": {"0": entry(0.5, 1.0), "1": entry(0.6, 1.0), "2": entry(0.7, 1.0)},
+              "nnSSL_P": {"0": entry(0.53, 2.0), "1": entry(0.63, 2.0), "2": entry(0.73, 2.0)},
+              "nnSSL_Q": {"0": entry(0.60, 2.0), "1": entry(0.55, 2.0), "2": entry(0.74, 2.0)}}
+    r3 = {r["row"]: r for r in summary.setting_rows(dict(results, runs=seeds3))}
+    assert r3["nnSSL_P"]["paired"] == pytest.approx([0.03, 0.03, 0.03])
+    sd3 = r3["nnUNetTrainer (labeled only)"]["sd"]
+    assert summary.verdict(r3["nnSSL_P"], sd3).startswith("better than nnU-Net on the same labels (paired over 3")
+    assert summary.verdict(dict(r3["nnSSL_P"], paired=[]), sd3).startswith("no difference")  # unpaired rule
+    assert summary.verdict(r3["nnSSL_Q"], sd3).startswith("no difference beyond the paired")
     path = json.dumps(results)
     (tmp_path / "acdc_7cases.json").write_text(path)
     summary.write_summary([str(tmp_path / "acdc_7cases.json")], str(tmp_path / "summary"))
