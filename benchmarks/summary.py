@@ -134,16 +134,10 @@ def paired_differences(runs: dict, key: str) -> List[float]:
             if s in lower and e.get("mean", {}).get("dice") is not None and not math.isnan(e["mean"]["dice"])]
 
 
-def _fmt_signed(v: List[float], digits: int = 3) -> str:
+def _fmt(v: List[float], digits: int = 3, signed: bool = False) -> str:
     if not v:
         return "-"
-    return f"{np.mean(v):+.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "") + f" ({len(v)})"
-
-
-def _fmt(v: List[float], digits: int = 3) -> str:
-    if not v:
-        return "-"
-    return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "") + f" ({len(v)})"
+    return f"{np.mean(v):{'+' if signed else ''}.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "") + f" ({len(v)})"
 
 
 def setting_rows(results: dict) -> List[dict]:
@@ -241,7 +235,7 @@ def write_summary(paths: List[str], out: str) -> None:
             lines.append("| " + " | ".join([
                 r["row"], str(r["iterations"]), _fmt(r["dice"]), _fmt(r["hd95_vox"], 2), _fmt(r["asd_vox"], 2),
                 "-" if r["headroom"] is None or r["row"] in (LOWER, UPPER) else f"{r['headroom']:.2f}",
-                f(r["vs_lower"]) if r["row"] != LOWER else "", _fmt_signed(r["paired"]) if r["row"] != LOWER else "",
+                f(r["vs_lower"]) if r["row"] != LOWER else "", _fmt(r["paired"], signed=True) if r["row"] != LOWER else "",
                 f(r["vs_matched"]),
                 "-" if r["cost"] is None else f"{r['cost']:.1f}x",
                 "-" if r["max_minutes"] is None else f"{r['max_minutes']:.0f}" + (" (over 60!)"
