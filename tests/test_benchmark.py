@@ -228,6 +228,16 @@ def test_summary_ablation_difference_and_cost():
     assert summary.ablations([r for r in rows if r["row"] != "nnSSL_MNRandom2DTrainer"]) == []
 
 
+def test_summary_literature_follows_the_setting_whatever_the_plans():
+    """A results file on other CPU plans (acdc_7cases_sf3_b4) is the same setting: the literature's ACDC 7 numbers
+    stand beside it; the plans' tag is all that is stripped."""
+    summary = _benchmark_script("summary")
+    assert summary.setting_of("acdc_7cases_sf3_b4") == "acdc_7cases"
+    assert summary.setting_of("hippocampus_4cases_sf1.5_b2") == "hippocampus_4cases"
+    assert summary.setting_of("acdc_3cases") == "acdc_3cases"
+    assert summary.LITERATURE[summary.setting_of("acdc_7cases_sf3_b4")][2]["dice"] == 90.40  # MEDL's paper
+
+
 @pytest.mark.parametrize("labeled,message", [("5", "3 and 7"), ("x", "--labeled")])
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "ACDC")), reason=f"ACDC not found in {DATA}")
 def test_acdc_setting_that_does_not_exist_is_a_clear_error(tmp_path, labeled, message):
