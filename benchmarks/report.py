@@ -101,14 +101,20 @@ def write_report(results: dict, path: str) -> None:
     if resumed:
         lines += ["", "Trained in more than one process (an interrupted training resumed with --c; training time is "
                   "the sum of its epochs, peak RSS the resumed process's): " + "; ".join(resumed)]
+    replaced = [f"{e['row']} seed {e['seed']} {e['dice']:.3f} ({e['why']})" for e in results.get("replaced_entries", [])]
+    if replaced:
+        lines += ["", "Runs replaced by a rerun of the same command and seed (the table holds the rerun; the first "
+                  "values, kept here for the record, show the run-to-run spread at a fixed seed): " + "; ".join(replaced)]
     b = results["budget"]
+    seeds = sorted({int(s) for r in runs.values() for s in r})  # every call's seeds, not the last call's
     reported = (f"reported on {results['test_cases']} validation cases (the literature's fixed split; they select "
                 f"nothing)" if results.get("reported_set") == "validation" else
                 f"{results['test_cases']} held-out test cases")
     lines += ["", f"{results['dataset']}, {results['labeled']} labeled, {reported}, "
               f"{results['configuration']} with {results['plans']} {results['plans_detail']}, {b['epochs']} epochs x "
               f"{b['iterations_per_epoch']} iterations (compute-matched row: more iterations per epoch), device "
-              f"{results['device']}; mean ± sample sd over seeds (folds) {results['seeds']}. Reproduce: "
+              f"{results['device']}; mean ± sample sd over seeds (folds) {seeds} (the seeds column: how many each row "
+              f"has). Reproduce: "
               + ("; then ".join(f"`{c}`" for c in results.get("commands") or [results["command"]]))]
     with open(path + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

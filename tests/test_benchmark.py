@@ -117,6 +117,24 @@ def test_report_lists_the_other_networks_validation_dice():
         "nnSSL_MeanTeacherTrainer: deployed 0.700, teacher 0.800"]
 
 
+def test_report_names_every_calls_seeds_and_the_replaced_runs(tmp_path):
+    """The footer lists the seeds of all rows (a later call for seed 1 alone does not relabel the table) and a rerun
+    that replaced an entry keeps the first value on record."""
+    e = {"iterations": 100, "per_class": {"LV": {"dice": 0.7}}, "mean": {"dice": 0.7, "hd95_vox": 1.0, "asd_vox": 0.5},
+         "seconds_per_iteration": 0.1, "train_epochs_seconds": 60.0,
+         "learning_curve": {"ema_pseudo_dice": [0.5, 0.6]}}
+    results = {"dataset": "D", "labeled": "7", "configuration": "2d", "plans": "p", "plans_detail": {}, "device": "cpu",
+               "budget": {"epochs": 1, "iterations_per_epoch": 100}, "reported_set": "validation", "test_cases": 2,
+               "seeds": [1], "command": "c", "runs": {"nnUNetTrainer (labeled only)": {"0": e, "1": e, "2": e},
+                                                      "nnSSL_MeanTeacherTrainer": {"1": e}},
+               "replaced_entries": [{"row": "nnUNetTrainer (labeled only)", "seed": "1", "dice": 0.72201,
+                                     "why": "teacher checkpoint lost"}]}
+    _benchmark_script("report").write_report(results, str(tmp_path / "r"))
+    md = open(tmp_path / "r.md").read()
+    assert "seeds (folds) [0, 1, 2]" in md
+    assert "nnUNetTrainer (labeled only) seed 1 0.722 (teacher checkpoint lost)" in md
+
+
 @pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8", "acdc_3cases",
                                   "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2"])
 def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
