@@ -101,10 +101,12 @@ def write_report(results: dict, path: str) -> None:
     if resumed:
         lines += ["", "Trained in more than one process (an interrupted training resumed with --c; training time is "
                   "the sum of its epochs, peak RSS the resumed process's): " + "; ".join(resumed)]
-    replaced = [f"{e['row']} seed {e['seed']} {e['dice']:.3f} ({e['why']})" for e in results.get("replaced_entries", [])]
+    replaced = [f"{e['row']} seed {e['seed']} {e['dice']:.3f} ({e['why']})"
+                for e in results.get("replaced_entries", [])]
     if replaced:
         lines += ["", "Runs replaced by a rerun of the same command and seed (the table holds the rerun; the first "
-                  "values, kept here for the record, show the run-to-run spread at a fixed seed): " + "; ".join(replaced)]
+                  "values, kept here for the record, show the run-to-run spread at a fixed seed): "
+                  + "; ".join(replaced)]
     b = results["budget"]
     seeds = sorted({int(s) for r in runs.values() for s in r})  # every call's seeds, not the last call's
     reported = (f"reported on {results['test_cases']} validation cases (the literature's fixed split; they select "
