@@ -107,6 +107,16 @@ def write_report(results: dict, path: str) -> None:
         lines += ["", "Runs replaced by a rerun of the same command and seed (the table holds the rerun; the first "
                   "values, kept here for the record, show the run-to-run spread at a fixed seed): "
                   + "; ".join(replaced)]
+    copied = {}
+    for key, r in runs.items():
+        for seed, e in r.items():
+            if e.get("copied_from"):
+                copied.setdefault((key, e["copied_from"]), []).append(seed)
+    if copied:
+        lines += ["", "Rows taken from another setting's results file (the same training: the fixed split's "
+                  "all-labels folds do not depend on the labeled count; same plans, budget and seeds): "
+                  + "; ".join(f"{key} seeds {', '.join(sorted(s, key=int))} from {src}"
+                              for (key, src), s in copied.items())]
     b = results["budget"]
     seeds = sorted({int(s) for r in runs.values() for s in r})  # every call's seeds, not the last call's
     reported = (f"reported on {results['test_cases']} validation cases (the literature's fixed split; they select "

@@ -123,6 +123,32 @@ def backfill_old_entries(results: dict, output_folder: Callable[[str, int], str]
                 e["train_epochs_seconds"] = round(_epochs_seconds(log), 1)
 
 
+# what must be equal for two settings' all-labels rows to be one training (the split's all-labels folds are checked
+# by the dataset: only a fixed split's are independent of --labeled)
+SAME_TRAINING = ("dataset", "configuration", "plans", "plans_detail", "budget", "device", "reported_set",
+                 "test_cases")
+
+
+def copied_upper_entry(results: dict, source: dict, source_name: str, seed: int, fixed_split: bool) -> dict:
+    """The all-labels row of ``seed`` taken from another setting's results file (``--upper-from``), marked
+    ``copied_from``. Only on a fixed split (ACDC): its all-labels folds are every training patient whatever
+    ``--labeled`` is, so with the same plans, budget, device and reported set it is the same training, and running
+    it again would only measure run-to-run noise. Anything else is a :class:`UserInputError` naming the difference."""
+    if not fixed_split:
+        raise UserInputError(f"--upper-from: {results.get('dataset')} draws its folds per setting, so another "
+                             f"setting's all-labels row is not this one's training; run the upper row here")
+    differ = [k for k in SAME_TRAINING if json.dumps(source.get(k), sort_keys=True) !=
+              json.dumps(results.get(k), sort_keys=True)]
+    if differ:
+        raise UserInputError(f"--upper-from {source_name} differs from this setting in {', '.join(differ)}: not the "
+                             f"same training; run the upper row here (leave out --upper-from)")
+    entry = source.get("runs", {}).get(UPPER, {}).get(str(seed))
+    if not (entry and entry.get("done")):
+        raise UserInputError(f"--upper-from {source_name} has no finished all-labels row for seed {seed}: run it "
+                             f"there first (--rows upper --seeds {seed}) or here without --upper-from")
+    return {**json.loads(json.dumps(entry)), "copied_from": source_name}
+
+
 class Runner:
     """One dataset and labeled fraction (``args``, see :func:`main`): prepares the workspace, then trains, predicts
     and evaluates every row and seed that the results file does not have yet, saving it after each; the report
@@ -343,6 +369,23 @@ class Runner:
         self.save()
         return entry
 
+    def copy_upper(self, seed: int) -> dict:
+        """The all-labels row of ``seed`` from ``--upper-from`` (see :func:`copied_upper_entry`)."""
+        entry = self.results.setdefault("runs", {}).setdefault(UPPER, {}).get(str(seed))
+        if entry and entry.get("done"):
+            return entry
+        source = load_json_or_none(self.args.upper_from)
+        if source is None:
+            raise UserInputError(f"--upper-from {self.args.upper_from}: no such results file")
+        if self.test_folder:
+            raise UserInputError("--upper-from copies a row without its checkpoint, so --test-folder cannot "
+                                 "evaluate it: run the upper row here instead")
+        entry = copied_upper_entry(self.results, source, os.path.basename(self.args.upper_from), seed,
+                                   self.ds.fixed_split)
+        self.results["runs"][UPPER][str(seed)] = entry
+        self.save()
+        return entry
+
     def evaluate_test_folder(self, key: str, variant: str, fold: int, seed: int) -> dict:
         """The row's final checkpoint on ``--test-folder`` (predicted and evaluated once per checkpoint)."""
         from nnssl.evaluation.evaluate import evaluate_folders
@@ -409,7 +452,9 @@ class Runner:
                         self.run_one(tr, tr, seed, a.iters, seed)
                     set_time_ratios(self.results)
                     self.save()
-            if "upper" in rows:
+            if "upper" in rows and a.upper_from:
+                self.copy_upper(seed)
+            elif "upper" in rows:
                 self.run_one(UPPER, "nnUNetTrainer", seed + UPPER_FOLD_OFFSET, a.iters, seed)
             if "matched" in rows:
                 ratio = compute_ratio(self.results)
@@ -483,6 +528,11 @@ def main(argv=None) -> None:
                         "twice the iterations: does the baseline still improve?), ssl (the --trainers), upper (all "
                         "labels), matched (labeled only with the costliest SSL trainer's measured cost in "
                         "iterations); finished rows are kept")
+    p.add_argument("--upper-from", default=None, metavar="RESULTS_JSON",
+                   help="ACDC: take the all-labels row from the other setting's results file (e.g. "
+                        "benchmarks/results/acdc_7cases_sf3_b4.json) instead of training it again: with the fixed "
+                        "split it is the same training (every training patient labeled) when plans, budget and "
+                        "device are the same, which is checked; the entries are marked copied_from")
     p.add_argument("--skip-compute-matched", action="store_true",
                    help="the same as leaving 'matched' out of --rows (kept for the commands of older results)")
     p.add_argument("--test-folder", default=None, metavar="DIR",

@@ -135,6 +135,30 @@ def test_report_names_every_calls_seeds_and_the_replaced_runs(tmp_path):
     assert "nnUNetTrainer (labeled only) seed 1 0.722 (teacher checkpoint lost)" in md
 
 
+def test_upper_from_copies_only_the_same_training_and_the_report_says_so(tmp_path):
+    """--upper-from: ACDC 3 takes ACDC 7's all-labels row only where it is the same training (fixed split, same
+    plans, budget, device, reported set), marked; every difference is an error naming it; the report footnotes it."""
+    run = _benchmark_script("run")
+    e = {"trainer": "nnUNetTrainer_x", "fold": 5, "iterations": 100, "per_class": {"LV": {"dice": 0.8}},
+         "mean": {"dice": 0.8, "hd95_vox": 1.0, "asd_vox": 0.5}, "seconds_per_iteration": 0.1,
+         "train_epochs_seconds": 60.0, "learning_curve": {"ema_pseudo_dice": [0.5, 0.6]}, "done": True}
+    here = {"dataset": "D", "labeled": "3", "configuration": "2d", "plans": "p", "plans_detail": {"patch_size": [9]},
+            "device": "cpu", "budget": {"epochs": 1, "iterations_per_epoch": 100}, "reported_set": "validation",
+            "test_cases": 2, "seeds": [0], "command": "c", "runs": {run.LOWER: {"0": {**e, "fold": 0}}}}
+    source = {**here, "labeled": "7", "runs": {run.UPPER: {"0": e}}}
+    copied = run.copied_upper_entry(here, source, "d_7.json", 0, fixed_split=True)
+    assert copied["copied_from"] == "d_7.json" and copied["mean"] == e["mean"] and "copied_from" not in e
+    with pytest.raises(run.UserInputError, match="draws its folds"):
+        run.copied_upper_entry(here, source, "d_7.json", 0, fixed_split=False)
+    with pytest.raises(run.UserInputError, match="differs from this setting in budget, device"):
+        run.copied_upper_entry(here, {**source, "budget": {"epochs": 2}, "device": "cuda"}, "d_7.json", 0, True)
+    with pytest.raises(run.UserInputError, match="no finished all-labels row for seed 1"):
+        run.copied_upper_entry(here, source, "d_7.json", 1, fixed_split=True)
+    here["runs"][run.UPPER] = {"0": copied}
+    run.write_report(here, str(tmp_path / "r"))
+    assert f"{run.UPPER} seeds 0 from d_7.json" in open(tmp_path / "r.md").read()
+
+
 @pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8", "acdc_3cases",
                                   "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2", "acdc_7cases_sf3_b4"])
 def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
