@@ -1,5 +1,6 @@
 """Per-class Dice of each network of a trained network pair (MEDL, CAD) and of the deployed pair, on the fold's
-validation cases, at the preprocessed grid (whole images, no sliding window, no test-time mirroring).
+validation cases, at the preprocessed grid (whole images, no sliding window, no test-time mirroring); 3d or 2d (a
+volume's slices as one batch, Dice per volume).
 
     python benchmarks/pair_per_class.py RESULTS_FOLD_DIR --preprocessed DIR [--cases 12]
 
@@ -61,7 +62,9 @@ def main(argv=None) -> None:
     strides = np.prod(np.array(cm.pool_op_kernel_sizes), axis=0)
     for k in val:
         x, seg, *_ = ds.load_case(k)
-        x = torch.from_numpy(np.asarray(x))[None].float()
+        x = torch.from_numpy(np.asarray(x)).float()
+        # 3d: one volume as a batch of 1; 2d: the volume's slices as the batch (Dice stays per volume, as evaluated)
+        x = x[None] if len(cm.patch_size) == 3 else x.transpose(0, 1)
         t = np.asarray(seg)[0]
         pad = [(-s) % int(st) for s, st in zip(x.shape[2:], strides)]
         xp = torch.nn.functional.pad(x, sum([[0, q] for q in reversed(pad)], []))
@@ -73,7 +76,8 @@ def main(argv=None) -> None:
         for name, o in (("net_a", expected_log_probs(oa[crop]) if evidential else oa[crop]),
                         ("net_b", expected_log_probs(ob[crop]) if evidential else ob[crop]),
                         ("pair", pair_out[crop])):
-            pred = o.argmax(1)[0].numpy()
+            pred = o.argmax(1).numpy()
+            pred = pred[0] if len(cm.patch_size) == 3 else pred
             res[name].append([dice(pred, t, c) for c in labels] + [float((pred == c).mean()) for c in labels])
     n = len(labels)
     print(f"{trainer_name}, {args.checkpoint}, {len(val)} validation cases of fold {fold}; classes {labels}")

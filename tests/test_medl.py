@@ -109,11 +109,22 @@ def test_train_step_checkpoint_round_trip(workspace, tmp_path):
     assert len(r.ssl_optimizers["net_b"].state_dict()["state"]) > 0
 
 
-def test_2d_configuration(workspace):
+def test_2d_configuration(workspace, capsys):
     t = started_2d(nnSSL_MEDLTrainer)
     out = t.train_step(next(t.dataloader_train))
     assert np.isfinite(out["loss"]) and out["pseudo_label_loss"] > 0
     t.on_train_end()
+    # benchmarks/pair_per_class.py reads a 2d pair's checkpoint too (a volume's slices as one batch)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pair_per_class", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "pair_per_class.py"))
+    pair_per_class = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pair_per_class)
+    capsys.readouterr()
+    pair_per_class.main([t.output_folder, "--preprocessed", t.preprocessed_dataset_folder_base, "--cases", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines[1:]] == ["net_a", "net_b", "pair"], lines
 
 
 @pytest.mark.slow
