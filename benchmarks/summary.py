@@ -90,8 +90,12 @@ CAVEATS = {
                    "labeled-only baseline +0.215 (seed 0), so every row here compares runs still far from their "
                    "plateau; superseded by acdc_7cases_sf3_b4.",
     "acdc_7cases_sf3_b4": "ACDC's CPU plans since session 32: 3 mm pixels (patch 96x80), batch 4, 100 x 80 "
-                          "iterations, so that CAD (0.27 s per step) fits 60 minutes at a budget where twice the "
-                          "iterations give the labeled-only baseline +0.014, about its seed sd.",
+                          "iterations, so that CAD (0.27 s per step) fits 60 minutes; twice the iterations give "
+                          "the labeled-only baseline +0.025 ± 0.019 over three seeds, so it is near its plateau, "
+                          "not at it (44 000 iterations: 0.752).",
+    "acdc_3cases_sf3_b4": "ACDC 3 on ACDC 7's CPU plans and budget (3 mm, batch 4, 100 x 80 iterations); its "
+                          "all-labels row is ACDC 7's, the same training (all 70 patients, same plans, budget and "
+                          "seeds), taken with --upper-from rather than trained twice.",
     "hc18_10pct": "Measured before the faithfulness fixes of issue 24 (Mean Teacher's consistency weight, MEDL's "
                   "pseudo-label warm-up, CAD's mix-loss weight); MEDL and CAD rows trained 2.5-3 h, over this "
                   "benchmark's 60-minute limit; 10 % labels leave 0.003 Dice of headroom.",

@@ -160,7 +160,8 @@ def test_upper_from_copies_only_the_same_training_and_the_report_says_so(tmp_pat
 
 
 @pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8", "acdc_3cases",
-                                  "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2", "acdc_7cases_sf3_b4"])
+                                  "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2", "acdc_7cases_sf3_b4",
+                                  "acdc_3cases_sf3_b4"])
 def test_report_of_the_committed_results_is_the_committed_table(name, tmp_path):
     """Results files written by earlier versions of the runner still make the same report."""
     report = _benchmark_script("report")
