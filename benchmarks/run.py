@@ -123,8 +123,8 @@ def backfill_old_entries(results: dict, output_folder: Callable[[str, int], str]
                 e["train_epochs_seconds"] = round(_epochs_seconds(log), 1)
 
 
-# what must be equal for two settings' all-labels rows to be one training (the split's all-labels folds are checked
-# by the dataset: only a fixed split's are independent of --labeled)
+# what must be equal for two settings' all-labels rows to be one training; the split's all-labels folds are not
+# compared here: only a fixed split's are independent of --labeled (ACDC 3's and 7's folds 5-9 checked identical)
 SAME_TRAINING = ("dataset", "configuration", "plans", "plans_detail", "budget", "device", "reported_set",
                  "test_cases")
 
