@@ -234,8 +234,15 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert summary.verdict(rows["nnSSL_A"], lower_sd).startswith("better than nnU-Net")
     assert "not than labeled-only given the same compute" in summary.verdict(rows["nnSSL_B"], lower_sd)
     assert summary.verdict(rows["nnSSL_C"], lower_sd).startswith("worse")
-    # one seed of a trainer: no verdict beyond "spread unknown"
-    assert "spread is unknown" in summary.verdict(dict(rows["nnSSL_A"], sd=None), lower_sd)
+    # one seed of a trainer: judged against twice labeled-only's spread (the seed rule), and says it is one seed;
+    # within that spread, or with no spread known, no verdict but "3 seeds needed"
+    assert summary.verdict(dict(rows["nnSSL_A"], sd=None), lower_sd).startswith("better than nnU-Net on the same "
+                                                                                "labels (one seed")
+    assert summary.verdict(dict(rows["nnSSL_C"], sd=None), lower_sd).startswith("worse than labeled-only nnU-Net "
+                                                                                "(one seed")
+    near = dict(rows["nnSSL_A"], sd=None, vs_lower=0.01)
+    assert "within twice labeled-only's seed spread" in summary.verdict(near, lower_sd)
+    assert "spread is unknown" in summary.verdict(dict(rows["nnSSL_A"], sd=None), None)
     # paired by seed: labeled-only spread 0.1 (0.5/0.6/0.7), the trainer +0.03 on each seed. Unpaired that is no
     # difference (0.03 < 2 x 0.1); paired it is a gain (+0.03 ± 0.00); a trainer whose per-seed differences flip
     # sign is no difference either way
@@ -255,6 +262,33 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert "90.40" in md and "theirs" in md.lower()  # the literature beside ours, labelled as theirs
     assert os.path.isfile(tmp_path / "summary.png")
     assert "Ablation" not in md  # no trainer with its ablation in this file
+
+
+def test_summary_lists_what_the_seed_rule_still_asks():
+    """The seed rule per row: 3 seeds for the bounds and Mean Teacher whatever their difference, a trainer far beyond
+    twice labeled-only's spread needs no more, one near it does, every trainer of the configuration must appear."""
+    summary = _benchmark_script("summary")
+
+    def entry(dice):
+        return {"mean": {"dice": dice}, "iterations": 100, "time_ratio_to_nnUNetTrainer": 2.0}
+
+    three = lambda *d: {str(i): entry(x) for i, x in enumerate(d)}  # noqa: E731
+    runs = {"nnUNetTrainer (labeled only)": three(0.60, 0.61, 0.62),  # sd 0.01
+            "nnUNetTrainer (all labels, upper bound)": three(0.80, 0.81),
+            "nnUNetTrainer (labeled only, 2x iterations)": three(0.62),
+            "nnSSL_MeanTeacherTrainer": three(0.40),  # far below, but Mean Teacher always wants 3
+            "nnSSL_MEDLTrainer": three(0.40),  # far below labeled-only: one seed is enough
+            "nnSSL_CADTrainer": three(0.62)}  # within 2 x 0.01: 3 seeds
+    results = {"configuration": "2d", "runs": runs}
+    todo = summary.seeds_still_wanted(results, summary.setting_rows(results))
+    assert todo == ["nnUNetTrainer (all labels, upper bound): 2 of 3 seeds",
+                    "nnUNetTrainer (labeled only, compute-matched): not run",
+                    "nnSSL_MeanTeacherTrainer: 1 of 3 seeds", "nnSSL_CADTrainer: 1 of 3 seeds",
+                    "nnSSL_SelfTrainingTrainer: not run"]
+    runs3d = dict(runs, **{"nnSSL_MeanTeacherTrainer": three(0.6, 0.6, 0.6), "nnSSL_CADTrainer": three(0.3)})
+    todo3d = summary.seeds_still_wanted(dict(results, configuration="3d_fullres", runs=runs3d),
+                                        summary.setting_rows(dict(results, runs=runs3d)))
+    assert "nnSSL_MNTrainer: not run" in todo3d and not any(t.startswith("nnSSL_CAD") for t in todo3d)
 
 
 def test_summary_ablation_difference_and_cost():
