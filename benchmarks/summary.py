@@ -194,8 +194,22 @@ def setting_rows(results: dict) -> List[dict]:
     return out
 
 
-def verdict(row: dict, lower_sd: Optional[float]) -> str:
-    """Plain words for a trainer's row: does it beat labeled-only nnU-Net beyond seed noise, at equal compute?"""
+def _twice_as_good(row: dict, lower2x: Optional[dict]) -> str:
+    """Where the equal-compute row is missing: does labeled-only nnU-Net at twice the iterations, for no more
+    compute than ``row``'s, gain at least as much (paired means where both have them)? Then say so."""
+    if not lower2x or lower2x.get("cost") is None or row.get("cost") is None or lower2x.get("vs_lower") is None:
+        return ""
+    cost2x = lower2x["cost"] * 2  # per-iteration cost over labeled-only's, at twice its iterations
+    gain = lambda r: float(np.mean(r["paired"])) if r.get("paired") else r["vs_lower"]  # noqa: E731
+    if cost2x <= row["cost"] and gain(lower2x) >= gain(row):
+        return (f"; but twice the labeled-only iterations ({cost2x:.1f}x the compute) gave as much "
+                f"({gain(lower2x):+.3f} over {len(lower2x['dice'])} seed(s))")
+    return ""
+
+
+def verdict(row: dict, lower_sd: Optional[float], lower2x: Optional[dict] = None) -> str:
+    """Plain words for a trainer's row: does it beat labeled-only nnU-Net beyond seed noise, at equal compute?
+    ``lower2x``: the 2x-iterations row, which stands in for the equal-compute comparison while that row is missing."""
     if row["row"] in BOUNDS:
         return ""
     if row["vs_lower"] is None:
@@ -206,7 +220,8 @@ def verdict(row: dict, lower_sd: Optional[float]) -> str:
         how = f" (paired over {len(paired)} seeds: {d:+.3f} ± {sd:.3f})"
         if d > 2 * sd and (row["vs_matched"] is None or row["vs_matched"] > 0):
             return ("better than nnU-Net on the same labels" + how
-                    + ("" if row["vs_matched"] is not None else "; equal-compute row missing"))
+                    + ("" if row["vs_matched"] is not None else "; equal-compute row missing"
+                       + _twice_as_good(row, lower2x)))
         if d > 2 * sd:
             return "better than labeled-only, but not than labeled-only given the same compute" + how
         if d < -2 * sd:
@@ -221,7 +236,8 @@ def verdict(row: dict, lower_sd: Optional[float]) -> str:
     one = "" if row["sd"] is not None else f" (one seed, beyond twice labeled-only's seed spread, {noise:.3f})"
     if row["vs_lower"] > noise and (row["vs_matched"] is None or row["vs_matched"] > 0):
         return "better than nnU-Net on the same labels" + one + ("" if row["vs_matched"] is not None
-                                                                  else " (equal-compute row missing)")
+                                                                  else " (equal-compute row missing)"
+                                                                  + _twice_as_good(row, lower2x))
     if row["vs_lower"] > noise:
         return "better than labeled-only, but not than labeled-only given the same compute" + one
     if row["vs_lower"] < -noise:
@@ -294,6 +310,7 @@ def write_summary(paths: List[str], out: str) -> None:
                   "paired vs labeled only | equal compute | cost | longest training (min) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lower_sd = next((r["sd"] for r in rows if r["row"] == LOWER), None)
+        lower2x = next((r for r in rows if r["row"] == LOWER_2X), None)
         for r in rows:
             f = lambda v, d=3: "-" if v is None else f"{v:+.{d}f}"  # noqa: E731
             lines.append("| " + " | ".join([
@@ -304,7 +321,7 @@ def write_summary(paths: List[str], out: str) -> None:
                 "-" if r["cost"] is None else f"{r['cost']:.1f}x",
                 "-" if r["max_minutes"] is None else f"{r['max_minutes']:.0f}" + (" (over 60!)"
                                                                                   if r["max_minutes"] > 60 else ""),
-                verdict(r, lower_sd)]) + " |")
+                verdict(r, lower_sd, lower2x)]) + " |")
         if name in CURRENT_SETTINGS:
             todo = seeds_still_wanted(results, rows)
             lines += ["", ("Still to run under the seed rule (3 seeds for labeled-only, all labels, Mean Teacher and "

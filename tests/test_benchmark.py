@@ -255,6 +255,15 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
     assert summary.verdict(r3["nnSSL_P"], sd3).startswith("better than nnU-Net on the same labels (paired over 3")
     assert summary.verdict(dict(r3["nnSSL_P"], paired=[]), sd3).startswith("no difference")  # unpaired rule
     assert summary.verdict(r3["nnSSL_Q"], sd3).startswith("no difference beyond the paired")
+    # no equal-compute row: a gain that twice the labeled-only iterations match at no more compute is named as such
+    seeds3["nnUNetTrainer (labeled only, 2x iterations)"] = {s: entry(x, 1.0, 200) for s, x in
+                                                             (("0", 0.54), ("1", 0.64), ("2", 0.74))}
+    r3 = {r["row"]: r for r in summary.setting_rows(dict(results, runs=seeds3))}
+    twice = r3["nnUNetTrainer (labeled only, 2x iterations)"]
+    assert "twice the labeled-only iterations (2.0x the compute) gave as much (+0.040" in summary.verdict(
+        r3["nnSSL_P"], sd3, twice)
+    assert "twice" not in summary.verdict(r3["nnSSL_P"], sd3, dict(twice, paired=[0.01, 0.01, 0.01]))
+    assert "twice" not in summary.verdict(dict(r3["nnSSL_P"], cost=1.5), sd3, twice)  # cheaper than 2x
     path = json.dumps(results)
     (tmp_path / "acdc_7cases.json").write_text(path)
     summary.write_summary([str(tmp_path / "acdc_7cases.json")], str(tmp_path / "summary"))
