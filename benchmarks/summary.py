@@ -194,6 +194,13 @@ def setting_rows(results: dict) -> List[dict]:
     return out
 
 
+def _seed_noise(row_sd: Optional[float], lower_sd: Optional[float]) -> Optional[float]:
+    """Twice the larger seed sd of a row and labeled-only (labeled-only's alone for a one-seed row): a difference
+    beyond it is shown without more seeds (the issue's seed rule); None where neither sd is known."""
+    spreads = [x for x in (row_sd, lower_sd) if x is not None]
+    return 2 * max(spreads) if spreads else None
+
+
 def _twice_as_good(row: dict, lower2x: Optional[dict]) -> str:
     """Where the equal-compute row is missing: does labeled-only nnU-Net at twice the iterations, for no more
     compute than ``row``'s, gain at least as much (paired means where both have them)? Then say so."""
@@ -227,11 +234,10 @@ def verdict(row: dict, lower_sd: Optional[float], lower2x: Optional[dict] = None
         if d < -2 * sd:
             return "worse than labeled-only nnU-Net" + how
         return "no difference beyond the paired seed spread" + how
-    spreads = [x for x in (row["sd"], lower_sd) if x is not None]
-    if not spreads:
+    noise = _seed_noise(row["sd"], lower_sd)
+    if noise is None:
         return (f"{row['vs_lower']:+.3f} on one seed: the seed spread is unknown, so not a demonstrated "
                 f"{'gain' if row['vs_lower'] > 0 else 'loss'} (3 seeds needed)")
-    noise = 2 * max(spreads)
     # one seed: judged against twice labeled-only's seed spread, the issue's rule for whether more seeds are needed
     one = "" if row["sd"] is not None else f" (one seed, beyond twice labeled-only's seed spread, {noise:.3f})"
     if row["vs_lower"] > noise and (row["vs_matched"] is None or row["vs_matched"] > 0):
@@ -272,9 +278,8 @@ def seeds_still_wanted(results: dict, rows: List[dict]) -> List[str]:
         elif key in (LOWER, UPPER, "nnSSL_MeanTeacherTrainer") or lower is None:
             need = 3
         else:
-            spreads = [x for x in ((r or {}).get("sd"), lower_sd) if x is not None]
-            clear = r is not None and spreads and abs(r["vs_lower"]) > 2 * max(spreads)
-            need = 1 if clear else 3
+            noise = _seed_noise(r["sd"], lower_sd) if r else None
+            need = 1 if noise is not None and abs(r["vs_lower"]) > noise else 3
         if n < need:
             out.append(f"{key}: " + ("not run" if n == 0 else f"{n} of {need} seeds"))
     return out
@@ -324,11 +329,9 @@ def write_summary(paths: List[str], out: str) -> None:
                 verdict(r, lower_sd, lower2x)]) + " |")
         if name in CURRENT_SETTINGS:
             todo = seeds_still_wanted(results, rows)
-            lines += ["", ("Still to run under the seed rule (3 seeds for labeled-only, all labels, Mean Teacher and "
-                           "every trainer within twice the seed spread of labeled-only; one for the 2x and "
-                           "compute-matched rows): " + "; ".join(todo) + ".") if todo else
-                      "Complete under the seed rule (3 seeds for labeled-only, all labels, Mean Teacher and every "
-                      "trainer within twice the seed spread of labeled-only)."]
+            rule = ("the seed rule (3 seeds for labeled-only, all labels, Mean Teacher and every trainer within "
+                    "twice the seed spread of labeled-only; one for the 2x and compute-matched rows)")
+            lines += ["", f"Still to run under {rule}: " + "; ".join(todo) + "." if todo else f"Complete under {rule}."]
         abl = ablations(rows)
         if abl:
             lines += [""] + abl
