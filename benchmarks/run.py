@@ -180,6 +180,7 @@ class Runner:
                                                  f"{args.dataset}_{fraction}{'_quick' if args.quick else ''}")
         self.results_path = args.results or self.default_results_path
         self.results = load_json_or_none(self.results_path + ".json") or {}
+        self.call_command = self.command()  # recorded with each row this call adds (see record)
         self.raw_folder = os.path.join(self.ws.raw, self.ds.name)
         self.pre_folder = os.path.join(self.ws.preprocessed, self.ds.name)
 
@@ -206,6 +207,18 @@ class Runner:
 
     def save(self) -> None:
         atomic_write_json(self.results, self.results_path + ".json")
+
+    def record(self, key: str, seed: int, entry: dict) -> None:
+        """Store a finished row and name the call that made it: ``command``, ``seeds`` and ``commands`` (every
+        call that added rows, in order: a table made in several calls is reproduced by all of them) list only
+        calls that added or re-measured a row, so that a call stopped before its first row (an error, the end of
+        a session) leaves no command that reproduces nothing."""
+        self.results.setdefault("runs", {}).setdefault(key, {})[str(seed)] = entry
+        self.results["command"], self.results["seeds"] = self.call_command, self.args.seeds
+        commands = self.results.setdefault("commands", [])
+        if self.call_command not in commands:
+            commands.append(self.call_command)
+        self.save()
 
     # ------------------------------------------------------------------ data
     def prepare(self) -> None:
@@ -332,8 +345,7 @@ class Runner:
         if self.test_folder:
             entry["test_folder"] = self.evaluate_test_folder(key, variant, fold, seed)
         entry["over_60_minutes"] = bool(entry["train_epochs_seconds"] > 3600)
-        self.results["runs"][key][str(seed)] = entry
-        self.save()
+        self.record(key, seed, entry)
         return entry
 
     def run_self_training(self, trainer: str, seed: int) -> dict:
@@ -382,8 +394,7 @@ class Runner:
                                  "evaluate it: run the upper row here instead")
         entry = copied_upper_entry(self.results, source, os.path.basename(self.args.upper_from), seed,
                                    self.ds.fixed_split)
-        self.results["runs"][UPPER][str(seed)] = entry
-        self.save()
+        self.record(UPPER, seed, entry)
         return entry
 
     def evaluate_test_folder(self, key: str, variant: str, fold: int, seed: int) -> dict:
@@ -422,7 +433,7 @@ class Runner:
             "dataset": self.ds.name, "labeled": a.labeled, "configuration": self.ds.configuration,
             "plans": self.plans, "plans_detail": self.plans_detail(), "device": a.device,
             "budget": {"epochs": a.epochs, "iterations_per_epoch": a.iters, "val_iterations_per_epoch": a.val_iters},
-            "seeds": a.seeds, "test_cases": len(self.reported_cases),
+            "test_cases": len(self.reported_cases),
             "reported_set": "validation" if self.ds.fixed_split else "test",
             "protocol": ("the literature's fixed split (labeled, unlabeled and validation patients); seed k = "
                          "training seed k ($nnssl_seed) on fold k, a copy of that split; reported on the "
@@ -430,12 +441,7 @@ class Runner:
                          if self.ds.fixed_split else
                          "seed k = fold k of the benchmark's splits_final.json (own validation cases and labeled "
                          "subset) and training seed k ($nnssl_seed); the test list is never used for training or "
-                         "checkpoint selection (checkpoint_final is evaluated)"),
-            "command": self.command()})
-        # every call that added rows, in order: a table made in several calls is reproduced by all of them
-        commands = self.results.setdefault("commands", [])
-        if self.results["command"] not in commands:
-            commands.append(self.results["command"])
+                         "checkpoint selection (checkpoint_final is evaluated)")})
         self.save()
         trainers = a.trainers if a.trainers is not None else trainer_names(self.ds.dimensionality)
         rows = set(a.rows)
@@ -497,7 +503,7 @@ def cpu_plans_tag(ds, spacing_factor: float, batch_size: int, features_scale: fl
     return "".join("_" + x for x in parts)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), required=True)
     p.add_argument("--labeled", default="10%",
@@ -548,6 +554,11 @@ def main(argv=None) -> None:
         args.rows = [r for r in args.rows if r != "matched"]
     if args.quick:
         args.epochs, args.iters, args.val_iters, args.seeds = 2, 5, 2, [0]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     run_command(lambda: Runner(args).run())
 
 

@@ -159,6 +159,38 @@ def test_upper_from_copies_only_the_same_training_and_the_report_says_so(tmp_pat
     assert f"{run.UPPER} seeds 0 from d_7.json" in open(tmp_path / "r.md").read()
 
 
+def test_only_calls_that_add_a_row_are_named_to_reproduce_the_table(tmp_path, monkeypatch):
+    """A call stopped before its first row (here self-training's missing teacher; the end of a session likewise)
+    leaves the results file's command, seeds and commands as they were; a call that adds a row is listed once."""
+    run = _benchmark_script("run")
+    argv = ["--dataset", "hippocampus", "--labeled", "4", "--seeds", "2", "--rows", "ssl", "--trainers",
+            "nnSSL_SelfTrainingTrainer", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r")]
+    monkeypatch.setattr(sys, "argv", ["run.py", *argv])
+    before = {"command": "python benchmarks/run.py A", "seeds": [0], "commands": ["python benchmarks/run.py A"],
+              "runs": {run.LOWER: {"0": {"done": True}}}}
+    with open(tmp_path / "r.json", "w") as f:
+        json.dump(before, f)
+    runner = run.Runner(run.parse_args(argv))
+    runner.prepare, runner.plans_detail, runner.reported_cases = (lambda: None), (lambda: {}), []
+
+    def stopped(*args, **kwargs):
+        raise run.UserInputError("the teacher's checkpoint is not in the workspace")
+
+    runner.run_one = stopped
+    with pytest.raises(run.UserInputError, match="teacher"):
+        runner.run()
+    after = json.load(open(tmp_path / "r.json"))
+    assert (after["command"], after["seeds"], after["commands"]) == ("python benchmarks/run.py A", [0],
+                                                                     before["commands"])
+    assert after["plans"] == runner.plans  # the setting's description is written all the same
+    for _ in range(2):
+        runner.record(run.LOWER, 2, {"done": True})
+    after = json.load(open(tmp_path / "r.json"))
+    assert after["commands"] == ["python benchmarks/run.py A", runner.call_command] and after["seeds"] == [2]
+    assert after["command"] == runner.call_command and "--seeds 2 --rows ssl" in runner.call_command
+    assert set(after["runs"][run.LOWER]) == {"0", "2"}
+
+
 @pytest.mark.parametrize("name", ["hc18_10pct", "hippocampus_10pct", "acdc_7cases", "hc18_10pct_sf8", "acdc_3cases",
                                   "hippocampus_8cases_sf1.5_b2", "hippocampus_4cases_sf1.5_b2", "acdc_7cases_sf3_b4",
                                   "acdc_3cases_sf3_b4"])
