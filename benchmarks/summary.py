@@ -18,9 +18,9 @@ For every results file of ``benchmarks/run.py`` (its ``*_quick`` files left out)
 - a **verdict** in words: paired over 3 or more seeds, else against twice the larger seed sd (labeled-only's alone
   for a one-seed row, which says so);
 - for the benchmark's current settings (:data:`CURRENT_SETTINGS`), what the **seed rule** still asks: 3 seeds for
-  labeled-only, all labels, Mean Teacher and every trainer within twice the seed spread of labeled-only (a trainer
-  far outside it needs no more), one for the 2x and compute-matched rows, a row for every nnssl trainer of the
-  configuration.
+  labeled-only, all labels, Mean Teacher, every trainer within twice the seed spread of labeled-only and every
+  trainer above it (a gain is recommended on 3 seeds; a trainer far below needs no more), one for the 2x and
+  compute-matched rows, a row for every nnssl trainer of the configuration.
 
 The literature's numbers for the same settings stand beside ours, labelled as theirs, with their compute, so that
 nobody mistakes a short CPU budget for a reproduction.
@@ -260,9 +260,11 @@ CURRENT_SETTINGS = ("acdc_3cases_sf3_b4", "acdc_7cases_sf3_b4", "hippocampus_4ca
 
 def seeds_still_wanted(results: dict, rows: List[dict]) -> List[str]:
     """What the seed rule still asks of a setting, one item per row: 3 seeds for labeled-only, all labels and Mean
-    Teacher, and for every trainer whose difference to labeled-only lies within twice the seed spread (the larger
-    of its own and labeled-only's sd, labeled-only's alone for a one-seed row); one seed of the 2x and
-    compute-matched labeled-only rows; every nnssl trainer that trains the setting's configuration."""
+    Teacher, for every trainer whose difference to labeled-only lies within twice the seed spread (the larger of
+    its own and labeled-only's sd, labeled-only's alone for a one-seed row), and for every trainer above it (the
+    issue asks 3 seeds only of the first kind; a gain that the summary would recommend stands on 3 seeds here, a
+    loss beyond the spread is settled on one); one seed of the 2x and compute-matched labeled-only rows; every
+    nnssl trainer that trains the setting's configuration."""
     from nnssl.trainers.registry import trainer_names
 
     have = {r["row"]: r for r in rows}
@@ -279,7 +281,7 @@ def seeds_still_wanted(results: dict, rows: List[dict]) -> List[str]:
             need = 3
         else:
             noise = _seed_noise(r["sd"], lower_sd) if r else None
-            need = 1 if noise is not None and abs(r["vs_lower"]) > noise else 3
+            need = 1 if noise is not None and r["vs_lower"] < -noise else 3
         if n < need:
             out.append(f"{key}: " + ("not run" if n == 0 else f"{n} of {need} seeds"))
     return out
@@ -329,8 +331,9 @@ def write_summary(paths: List[str], out: str) -> None:
                 verdict(r, lower_sd, lower2x)]) + " |")
         if name in CURRENT_SETTINGS:
             todo = seeds_still_wanted(results, rows)
-            rule = ("the seed rule (3 seeds for labeled-only, all labels, Mean Teacher and every trainer within "
-                    "twice the seed spread of labeled-only; one for the 2x and compute-matched rows)")
+            rule = ("the seed rule (3 seeds for labeled-only, all labels, Mean Teacher, every trainer within "
+                    "twice the seed spread of labeled-only and every trainer above it; one for the 2x and "
+                    "compute-matched rows)")
             lines += ["", f"Still to run under {rule}: " + "; ".join(todo) + "." if todo else f"Complete under {rule}."]
         abl = ablations(rows)
         if abl:

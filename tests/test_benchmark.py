@@ -306,8 +306,9 @@ def test_summary_headroom_equal_compute_and_verdicts(tmp_path):
 
 
 def test_summary_lists_what_the_seed_rule_still_asks():
-    """The seed rule per row: 3 seeds for the bounds and Mean Teacher whatever their difference, a trainer far beyond
-    twice labeled-only's spread needs no more, one near it does, every trainer of the configuration must appear."""
+    """The seed rule per row: 3 seeds for the bounds and Mean Teacher whatever their difference, a trainer far below
+    twice labeled-only's spread needs no more, one near it or far above it does (a gain is recommended on 3 seeds),
+    every trainer of the configuration must appear."""
     summary = _benchmark_script("summary")
 
     def entry(dice):
@@ -319,13 +320,14 @@ def test_summary_lists_what_the_seed_rule_still_asks():
             "nnUNetTrainer (labeled only, 2x iterations)": three(0.62),
             "nnSSL_MeanTeacherTrainer": three(0.40),  # far below, but Mean Teacher always wants 3
             "nnSSL_MEDLTrainer": three(0.40),  # far below labeled-only: one seed is enough
-            "nnSSL_CADTrainer": three(0.62)}  # within 2 x 0.01: 3 seeds
+            "nnSSL_CADTrainer": three(0.62),  # within 2 x 0.01: 3 seeds
+            "nnSSL_SelfTrainingTrainer": three(0.70)}  # far above: 3 seeds before it is recommended
     results = {"configuration": "2d", "runs": runs}
     todo = summary.seeds_still_wanted(results, summary.setting_rows(results))
     assert todo == ["nnUNetTrainer (all labels, upper bound): 2 of 3 seeds",
                     "nnUNetTrainer (labeled only, compute-matched): not run",
                     "nnSSL_MeanTeacherTrainer: 1 of 3 seeds", "nnSSL_CADTrainer: 1 of 3 seeds",
-                    "nnSSL_SelfTrainingTrainer: not run"]
+                    "nnSSL_SelfTrainingTrainer: 1 of 3 seeds"]
     runs3d = dict(runs, **{"nnSSL_MeanTeacherTrainer": three(0.6, 0.6, 0.6), "nnSSL_CADTrainer": three(0.3)})
     todo3d = summary.seeds_still_wanted(dict(results, configuration="3d_fullres", runs=runs3d),
                                         summary.setting_rows(dict(results, runs=runs3d)))
