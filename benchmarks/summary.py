@@ -195,8 +195,9 @@ def setting_rows(results: dict) -> List[dict]:
 
 
 def _seed_noise(row_sd: Optional[float], lower_sd: Optional[float]) -> Optional[float]:
-    """Twice the larger seed sd of a row and labeled-only (labeled-only's alone for a one-seed row): a difference
-    beyond it is shown without more seeds (the issue's seed rule); None where neither sd is known."""
+    """Twice the larger seed sd of a row and labeled-only (labeled-only's alone for a one-seed row): the verdict's
+    threshold, and for the seed rule a loss beyond it is settled without more seeds; None where neither sd is
+    known."""
     spreads = [x for x in (row_sd, lower_sd) if x is not None]
     return 2 * max(spreads) if spreads else None
 
