@@ -41,7 +41,7 @@ import os
 import shlex
 import shutil
 import sys
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -104,12 +104,32 @@ def row_cost(e: dict) -> Optional[float]:
     return e.get("compute_ratio_to_nnUNetTrainer") if e.get("teacher_cost") else e.get("time_ratio_to_nnUNetTrainer")
 
 
+def trainer_costs(results: dict) -> Dict[str, float]:
+    """Each SSL trainer's cost (:func:`row_cost`), the mean over its seeds that have one."""
+    return {key: float(np.mean(rs)) for key, r in results.get("runs", {}).items() if key.startswith("nnSSL_")
+            for rs in [[row_cost(e) for e in r.values() if row_cost(e)]] if rs}
+
+
 def compute_ratio(results: dict) -> Optional[float]:
-    """The costliest SSL trainer's cost (:func:`row_cost`): the largest per-trainer mean over its seeds, rounded up
-    to 0.1; None when no SSL row has one."""
-    means = [np.mean(rs) for key, r in results.get("runs", {}).items() if key.startswith("nnSSL_")
-             for rs in [[row_cost(e) for e in r.values() if row_cost(e)]] if rs]
-    return math.ceil(max(means) * 10) / 10 if means else None
+    """The compute-matched row's cost ratio, rounded up to 0.1 (None when no SSL row has a cost), recorded in
+    ``results`` as ``compute_ratio`` with the trainer it comes from, ``compute_ratio_of``.
+
+    Set from the costliest SSL trainer when the row is first run and kept for every later seed, so that the row is
+    one budget: more seeds of that trainer do not move it (a seed's ratio is its seconds per iteration over its
+    labeled-only run's, measured hours apart on a machine whose speed drifts by up to 1.6x). Another trainer whose
+    cost exceeds it by more than 10 % replaces it (and the row's seeds are retrained). A file written before
+    ``compute_ratio_of`` existed names the trainer that is costliest now."""
+    costs = trainer_costs(results)
+    if not costs:
+        return None
+    top = max(costs, key=costs.get)
+    stored, of = results.get("compute_ratio"), results.get("compute_ratio_of") or top
+    others = {k: v for k, v in costs.items() if k != of}
+    if stored is None or of not in costs or (others and max(others.values()) > 1.1 * stored):
+        of = top if stored is None or of not in costs else max(others, key=others.get)
+        stored = math.ceil(costs[of] * 10) / 10
+    results["compute_ratio"], results["compute_ratio_of"] = stored, of
+    return stored
 
 
 def backfill_old_entries(results: dict, output_folder: Callable[[str, int], str]) -> None:
@@ -468,10 +488,9 @@ class Runner:
                     print(f"[benchmark] seed {seed}: no SSL row measured yet, so no compute-matched row",
                           flush=True)
                     continue
-                self.results["compute_ratio"] = ratio
                 matched_iters = int(math.ceil(a.iters * ratio))
                 old = self.results["runs"].get(MATCHED, {}).get(str(seed))
-                # a costlier trainer added later retrains the row (not a few percent of timing noise)
+                # a costlier trainer added later retrains the row (not timing noise: compute_ratio keeps it)
                 if old and abs(old["iterations"] / (a.epochs * matched_iters) - 1) > 0.1:
                     del self.results["runs"][MATCHED][str(seed)]
                 self.run_one(MATCHED, "nnUNetTrainer", seed, matched_iters, seed)

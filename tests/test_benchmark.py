@@ -159,6 +159,26 @@ def test_upper_from_copies_only_the_same_training_and_the_report_says_so(tmp_pat
     assert f"{run.UPPER} seeds 0 from d_7.json" in open(tmp_path / "r.md").read()
 
 
+def test_the_compute_matched_budget_is_kept_for_later_seeds_unless_another_trainer_costs_more():
+    """The compute-matched row is one budget: set from the costliest trainer when first run, it is not moved by
+    that trainer's later seeds (a slower machine's 9x below) and is replaced only by another trainer costing over
+    10 % more."""
+    run = _benchmark_script("run")
+    cost = lambda *rs: {str(i): {"time_ratio_to_nnUNetTrainer": r} for i, r in enumerate(rs)}  # noqa: E731
+    results = {"runs": {run.LOWER: cost(1.0), "nnSSL_CADTrainer": cost(4.71, 5.72), "nnSSL_MEDLTrainer": cost(4.8)}}
+    assert run.compute_ratio(results) == 5.3 and results["compute_ratio_of"] == "nnSSL_CADTrainer"
+    results["runs"]["nnSSL_CADTrainer"]["2"] = {"time_ratio_to_nnUNetTrainer": 9.0}
+    assert run.compute_ratio(results) == 5.3  # the same trainer's third seed, on a slower machine
+    results["runs"]["nnSSL_MEDLTrainer"]["1"] = {"time_ratio_to_nnUNetTrainer": 6.0}  # MEDL 5.4: within 10 %
+    assert run.compute_ratio(results) == 5.3
+    results["runs"]["nnSSL_MNTrainer"] = cost(6.01)
+    assert run.compute_ratio(results) == 6.1 and results["compute_ratio_of"] == "nnSSL_MNTrainer"
+    # a file written before compute_ratio_of: the trainer costliest now
+    legacy = {"compute_ratio": 5.5, "runs": {"nnSSL_CADTrainer": cost(5.4, 8.0), "nnSSL_MEDLTrainer": cost(5.3)}}
+    assert run.compute_ratio(legacy) == 5.5 and legacy["compute_ratio_of"] == "nnSSL_CADTrainer"
+    assert run.compute_ratio({"runs": {run.LOWER: cost(1.0)}}) is None
+
+
 def test_only_calls_that_add_a_row_are_named_to_reproduce_the_table(tmp_path, monkeypatch):
     """A call stopped before its first row (here self-training's missing teacher; the end of a session likewise)
     leaves the results file's command, seeds and commands as they were; a call that adds a row is listed once."""
