@@ -249,11 +249,12 @@ def verdict(row: dict, lower_sd: Optional[float], lower2x: Optional[dict] = None
     if row["vs_lower"] is None:
         return "no labeled-only row yet"
     paired = row.get("paired") or []
+    margin = _equal_compute_margin(row, lower_sd)  # "" unless its lead at equal compute is within the spread
     if len(paired) >= 3:  # the same seeds as labeled-only: judge the per-seed differences
         d, sd = float(np.mean(paired)), float(np.std(paired, ddof=1))
         how = f" (paired over {len(paired)} seeds: {d:+.3f} ± {sd:.3f})"
-        if d > 2 * sd and _equal_compute_margin(row, lower_sd):
-            return "better than labeled-only" + how + _equal_compute_margin(row, lower_sd)
+        if d > 2 * sd and margin:
+            return "better than labeled-only" + how + margin
         if d > 2 * sd and (row["vs_matched"] is None or row["vs_matched"] > 0):
             return ("better than nnU-Net on the same labels" + how
                     + ("" if row["vs_matched"] is not None else "; equal-compute row missing"
@@ -269,8 +270,8 @@ def verdict(row: dict, lower_sd: Optional[float], lower2x: Optional[dict] = None
                 f"{'gain' if row['vs_lower'] > 0 else 'loss'} (3 seeds needed)")
     # one seed: judged against twice labeled-only's seed spread, the rule for whether more seeds are needed
     one = "" if row["sd"] is not None else f" (one seed, beyond twice labeled-only's seed spread, {noise:.3f})"
-    if row["vs_lower"] > noise and _equal_compute_margin(row, lower_sd):
-        return "better than labeled-only" + one + _equal_compute_margin(row, lower_sd)
+    if row["vs_lower"] > noise and margin:
+        return "better than labeled-only" + one + margin
     if row["vs_lower"] > noise and (row["vs_matched"] is None or row["vs_matched"] > 0):
         return "better than nnU-Net on the same labels" + one + ("" if row["vs_matched"] is not None
                                                                   else " (equal-compute row missing)"
